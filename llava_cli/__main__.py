@@ -1,0 +1,3 @@
+from llava_cli.cli.app import main
+
+main()

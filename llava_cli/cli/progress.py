@@ -1,0 +1,51 @@
+"""Rich progress bars for the CLI. Core functions take a plain ``on_progress(completed, total)`` callback."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+ProgressFn = Callable[[int, int], None]
+
+stderr = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, *, unit: str = "bytes", quiet: bool = False) -> Iterator[ProgressFn]:
+    """A progress bar on stderr; yields the callback to feed it. ``unit`` is "bytes" or a count noun."""
+    if quiet:
+        yield lambda completed, total: None
+        return
+    if unit == "bytes":
+        columns = [DownloadColumn(), TransferSpeedColumn()]
+    else:
+        columns = [MofNCompleteColumn(), TextColumn(unit)]
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        *columns,
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=False,
+    ) as progress:
+        task = progress.add_task(description, total=None)
+
+        def update(completed: int, total: int) -> None:
+            progress.update(task, completed=completed, total=total)
+
+        yield update

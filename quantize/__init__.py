@@ -1,0 +1,1 @@
+"""The converter and quantizer: Hugging Face LLaVA checkpoint -> text GGUF + mmproj GGUF."""
