@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 ModelOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--model",
         "-m",
@@ -18,7 +18,7 @@ ModelOpt = Annotated[
     ),
 ]
 MmprojOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option(
         "--mmproj",
         help="The vision projector .gguf that belongs to a --model given as a .gguf file. "
@@ -27,7 +27,7 @@ MmprojOpt = Annotated[
     ),
 ]
 BitsOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--bits",
         "-q",
@@ -40,7 +40,7 @@ CtxOpt = Annotated[
     typer.Option("--ctx", help="Context window in tokens; each image takes 576. Example: --ctx 4096", min=64),
 ]
 ThreadsOpt = Annotated[
-    Optional[int],
+    int | None,
     typer.Option(
         "--threads", "-t", help="CPU threads (default: all cores). Example: --threads 4", min=1, show_default=False
     ),

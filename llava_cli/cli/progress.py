@@ -29,10 +29,7 @@ def progress_bar(description: str, *, unit: str = "bytes", quiet: bool = False) 
     if quiet:
         yield lambda completed, total: None
         return
-    if unit == "bytes":
-        columns = [DownloadColumn(), TransferSpeedColumn()]
-    else:
-        columns = [MofNCompleteColumn(), TextColumn(unit)]
+    columns = [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn(), TextColumn(unit)]
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
