@@ -124,6 +124,11 @@ class ModelEntry:
     quantizations: Mapping[str, Quantization] = field(default_factory=dict)
 
     @property
+    def checkpoint_repo(self) -> str | None:
+        """Alias of `checkpoint` (the Hugging Face repo of the llava-hf checkpoint)."""
+        return self.checkpoint
+
+    @property
     def noise(self) -> bool:
         """True when the weights are random: answers are noise."""
         return self.source == "synthetic"
@@ -425,3 +430,8 @@ def load_catalog(*, user_file: Path | None = None) -> Catalog:
         except (OSError, UnicodeDecodeError) as exc:
             raise CatalogError(f"{user}: cannot read the user catalog: {exc}") from exc
     return parse_catalog(sources)
+
+
+def get(model_id: str) -> ModelEntry:
+    """Shortcut: the entry for `model_id` in the catalog as loaded now (built-in + user)."""
+    return load_catalog().get(model_id)

@@ -1,0 +1,294 @@
+"""Turn a ``--model`` value into a local text GGUF + mmproj GGUF pair.
+
+``--model`` may be:
+
+* nothing: the catalog's default model (LLaVA-1.5-7B at Q4_K_M);
+* a catalog id (``llava-1.5-13b``): the published GGUF for the quantization from the hub cache, downloaded on first
+  use; when no published file has that quantization, the checkpoint is downloaded and converted + quantized
+  locally, once, into ``models_dir()/<id>/``;
+* ``tiny-random``: a random-weight model built locally from a synthetic checkpoint (no network); its answers are
+  noise and `ResolvedModel.noise` says so;
+* a Hugging Face checkpoint directory: converted (and quantized) once into ``models_dir()/<name>/``; converted
+  again only when the checkpoint's files change;
+* a text-model ``.gguf`` path, with ``--mmproj`` or an ``mmproj-*.gguf`` beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llava_cli import hub, paths
+from llava_cli.atomic import atomic_path
+from llava_cli.catalog import UNQUANTIZED_BITS, Catalog, ModelEntry, load_catalog, normalize_bits
+from llava_cli.errors import CheckpointError, InputNotFoundError, LlavaError, UsageError
+
+ProgressFn = Callable[[int, int], None]
+
+MANIFEST = "llava-source.json"  # in each models_dir()/<name>/: where the files came from, which bits exist
+_CHECKPOINT_FILES = ("config.json", "tokenizer.model", "tokenizer.json", "preprocessor_config.json")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A local GGUF pair ready for `Engine`, and what it is."""
+
+    text_path: Path
+    mmproj_path: Path
+    name: str  # catalog id, checkpoint name or GGUF file stem
+    quantization: str  # q4_k_m, f16, ... ("unknown" for a GGUF whose header does not say)
+    noise: bool = False  # random weights (tiny-random): answers are noise
+
+
+def pull_command(model_id: str, bits: str) -> str:
+    """The command that downloads (or builds) `model_id` at `bits`: quoted in every 'missing' message."""
+    return f"llava pull {model_id} --bits {bits}"
+
+
+def resolve_model(
+    model: str | None,
+    *,
+    mmproj: Path | None = None,
+    bits: str | None = None,
+    download: bool = True,
+    on_progress: ProgressFn | None = None,
+    catalog: Catalog | None = None,
+) -> ResolvedModel:
+    """Resolve a ``--model`` value (see the module docstring) to a local GGUF pair.
+
+    ``download=False`` never touches the network: a catalog model that is not local is a `HubError` naming the
+    ``llava pull`` command. ``on_progress(completed, total)`` reports download bytes or conversion steps.
+    """
+    norm_bits = normalize_bits(bits) if bits is not None else None
+    if model is None:
+        cat = catalog or load_catalog()
+        return _resolve_entry(cat, cat.default, norm_bits, download, on_progress, mmproj)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if mmproj is not None:
+            raise UsageError("--mmproj goes with a --model .gguf file; a checkpoint directory holds its own projector")
+        return _resolve_checkpoint(path, norm_bits or "q4_k_m", on_progress)
+    if model.lower().endswith(".gguf") or path.is_file():
+        return _resolve_gguf(path, mmproj, norm_bits)
+    cat = catalog or load_catalog()
+    if model not in cat and (os.sep in model or model.startswith((".", "~")) or (os.altsep and os.altsep in model)):
+        raise InputNotFoundError(
+            f"{model}: no such file or directory", hint="give a checkpoint directory or a .gguf file"
+        )
+    return _resolve_entry(cat, cat.get(model), norm_bits, download, on_progress, mmproj)
+
+
+# ------------------------------------------------------------------------------------------------ GGUF path
+
+
+def _resolve_gguf(path: Path, mmproj: Path | None, bits: str | None) -> ResolvedModel:
+    from llava_cli.gguf_info import read_gguf
+
+    if not path.is_file():
+        raise InputNotFoundError(f"{path}: no such file", hint="check the --model path")
+    if mmproj is None:
+        mmproj = _mmproj_beside(path)
+    elif not mmproj.expanduser().is_file():
+        raise InputNotFoundError(f"{mmproj}: no such file", hint="check the --mmproj path")
+    mmproj = mmproj.expanduser()
+    info = read_gguf(path)
+    quant = (info.file_type or "unknown").lower()
+    if bits is not None and quant != bits:
+        raise UsageError(
+            f"{path.name} is already {quant}; --bits {bits} applies to catalog models and checkpoints",
+            hint=f"drop --bits, or make that quantization with `llava quantize {path} --bits {bits}`",
+        )
+    return ResolvedModel(path, mmproj, _gguf_name(path), quant)
+
+
+def _gguf_name(path: Path) -> str:
+    return re.sub(r"\.(f32|f16|bf16|q\d\w*)$", "", path.name[: -len(".gguf")], flags=re.IGNORECASE) or path.stem
+
+
+def _mmproj_beside(text: Path) -> Path:
+    """The ``mmproj-*.gguf`` next to a text GGUF: the one named after it, else the only one."""
+    candidates = sorted(p for p in text.parent.glob("mmproj-*.gguf") if p.is_file() and p != text)
+    if not candidates:
+        raise UsageError(
+            f"{text} is a text model only: LLaVA also needs its vision projector (mmproj) GGUF",
+            hint="give it with --mmproj mmproj-<model>.gguf, or put the mmproj-*.gguf file beside the model",
+        )
+    if len(candidates) == 1:
+        return candidates[0]
+    name = _gguf_name(text)
+    same = [p for p in candidates if _gguf_name(Path(p.name.removeprefix("mmproj-"))) == name]
+    if same:
+        return same[0]
+    listed = ", ".join(p.name for p in candidates)
+    raise UsageError(f"several vision projectors beside {text.name} ({listed})", hint="choose one with --mmproj")
+
+
+# ----------------------------------------------------------------------------------------------- catalog id
+
+
+def _resolve_entry(
+    cat: Catalog,
+    entry: ModelEntry,
+    bits: str | None,
+    download: bool,
+    on_progress: ProgressFn | None,
+    mmproj: Path | None,
+) -> ResolvedModel:
+    if mmproj is not None:
+        raise UsageError(f"--mmproj goes with a --model .gguf file; catalog model {entry.id} brings its own")
+    use_bits = bits or entry.default_bits or cat.default_bits
+    if entry.source == "synthetic":
+        return _build_synthetic(entry, use_bits, on_progress)
+    fix = pull_command(entry.id, use_bits)
+    published = entry.published(use_bits)
+    if published is not None:
+        assert entry.mmproj is not None  # the catalog parser guarantees it
+        text, proj = hub.download_files([published, entry.mmproj], fix=fix, on_progress=on_progress, download=download)
+        return ResolvedModel(text, proj, entry.id, use_bits)
+    # No published file with this quantization: convert the checkpoint locally (once).
+    out_dir = paths.models_dir() / entry.id
+    local = _manifest_pair(out_dir, use_bits)
+    if local is not None:
+        return ResolvedModel(local[0], local[1], entry.id, use_bits)
+    if entry.checkpoint is None:
+        have = ", ".join(entry.gguf) or "none"
+        raise UsageError(
+            f"{entry.id} has no published {use_bits} file and no checkpoint to convert (published: {have})"
+        )
+    ckpt = hub.download_checkpoint(entry.checkpoint, fix=fix, on_progress=on_progress, download=download)
+    return _convert_into(ckpt, out_dir, entry.id, use_bits, on_progress, noise=False)
+
+
+def local_pair(entry: ModelEntry, bits: str) -> tuple[Path, Path] | None:
+    """The local GGUF pair of a catalog model at `bits` if it is already on disk (hub cache or converted), else None."""
+    published = entry.published(bits)
+    if published is not None and entry.mmproj is not None:
+        text, proj = hub.cached_file(published), hub.cached_file(entry.mmproj)
+        if text is not None and proj is not None:
+            return text, proj
+    return _manifest_pair(paths.models_dir() / entry.id, bits)
+
+
+# -------------------------------------------------------------------------------------- local conversions
+
+
+def _read_manifest(out_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"files": {}}
+    return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else {"files": {}}
+
+
+def _write_manifest(out_dir: Path, data: dict[str, Any]) -> None:
+    with atomic_path(out_dir / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _manifest_pair(out_dir: Path, bits: str, fingerprint: list[Any] | None = None) -> tuple[Path, Path] | None:
+    data = _read_manifest(out_dir)
+    if fingerprint is not None and data.get("fingerprint") != fingerprint:
+        return None
+    entry = data["files"].get(bits)
+    if not isinstance(entry, dict):
+        return None
+    text, proj = out_dir / str(entry.get("text")), out_dir / str(entry.get("mmproj"))
+    return (text, proj) if text.is_file() and proj.is_file() else None
+
+
+def _fingerprint(ckpt: Path) -> list[Any]:
+    """Names, sizes and mtimes of the checkpoint's files: a change means the conversion is stale."""
+    files = [ckpt / n for n in _CHECKPOINT_FILES] + sorted(ckpt.glob("*.safetensors"))
+    out = []
+    for f in files:
+        with contextlib.suppress(OSError):
+            st = f.stat()
+            out.append([f.name, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _checkpoint_name(ckpt: Path) -> str:
+    resolved = ckpt.resolve()
+    name = resolved.name
+    if re.fullmatch(r"[0-9a-f]{40}", name):  # a hub snapshot dir: models--owner--name/snapshots/<commit>
+        name = resolved.parents[1].name.split("--")[-1]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name.removesuffix("-hf")).strip("-.")
+    return name or "model"
+
+
+def _resolve_checkpoint(ckpt: Path, bits: str, on_progress: ProgressFn | None) -> ResolvedModel:
+    if not (ckpt / "config.json").is_file():
+        raise CheckpointError(
+            f"{ckpt} has no config.json: not a Hugging Face checkpoint directory",
+            hint="give a llava-hf checkpoint directory, a catalog id, or a .gguf file",
+        )
+    name = _checkpoint_name(ckpt)
+    return _convert_into(ckpt, paths.models_dir() / name, name, bits, on_progress, noise=False)
+
+
+def _convert_into(
+    ckpt: Path, out_dir: Path, name: str, bits: str, on_progress: ProgressFn | None, *, noise: bool
+) -> ResolvedModel:
+    """Convert (+ quantize) `ckpt` into `out_dir` unless an up-to-date result is recorded in its manifest."""
+    fingerprint = _fingerprint(ckpt)
+    found = _manifest_pair(out_dir, bits, fingerprint)
+    if found is not None:
+        return ResolvedModel(found[0], found[1], name, bits, noise)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = _read_manifest(out_dir)
+    if data.get("fingerprint") != fingerprint:
+        data = {"checkpoint": str(ckpt.resolve()), "fingerprint": fingerprint, "files": {}}
+    if bits in UNQUANTIZED_BITS:
+        convert = _teammate("convert")
+        result = convert(ckpt, out_dir, outtype=bits, name=name, on_progress=on_progress)
+    else:
+        quantize = _teammate("quantize")
+        result = quantize(ckpt, bits=bits, out=out_dir, on_progress=on_progress)
+    text, proj = Path(result.text_path), Path(result.mmproj_path)
+    data["files"][bits] = {"text": os.path.relpath(text, out_dir), "mmproj": os.path.relpath(proj, out_dir)}
+    _write_manifest(out_dir, data)
+    return ResolvedModel(text, proj, name, bits, noise)
+
+
+def _teammate(func: str) -> Callable[..., Any]:
+    """`quantize.convert` / `quantize.quantize` (the converter's and quantizer's modules)."""
+    import importlib
+
+    package = importlib.import_module("quantize")
+    if hasattr(package, func):
+        return getattr(package, func)  # type: ignore[no-any-return]
+    module = {"convert": "quantize.converter", "quantize": "quantize.quantizer"}[func]
+    try:
+        return getattr(importlib.import_module(module), func)  # type: ignore[no-any-return]
+    except (ImportError, AttributeError) as exc:
+        raise LlavaError(
+            f"this installation has no {module} (needed to build the model locally): {exc}",
+            hint="reinstall llava-cli, or use a catalog model with a published GGUF",
+        ) from exc
+
+
+def _build_synthetic(entry: ModelEntry, bits: str, on_progress: ProgressFn | None) -> ResolvedModel:
+    """tiny-random: a synthetic checkpoint written once into models_dir()/<id>/, then converted like any other."""
+    out_dir = paths.models_dir() / entry.id
+    ckpt = out_dir / f"{entry.id}-hf"
+    if not (ckpt / "config.json").is_file():
+        from quantize.synthetic import make_checkpoint
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # Written aside and renamed: an interrupted build never leaves a checkpoint that looks complete.
+        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".building-"))
+        try:
+            make_checkpoint(tmp / "ckpt")
+            shutil.rmtree(ckpt, ignore_errors=True)
+            os.replace(tmp / "ckpt", ckpt)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _convert_into(ckpt, out_dir, entry.id, bits, on_progress, noise=True)
