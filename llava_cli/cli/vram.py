@@ -93,7 +93,7 @@ def check(
 def _check_catalog(
     catalog: Any, model_id: str, mmproj: str | Path | None, ctx: int, gpus: GPUProbe, mmproj_offload: bool
 ) -> memory.ModelReport:
-    from llava_cli import hub
+    from llava_cli.resolve import local_pair
 
     entry = catalog.get(model_id)
     published = {
@@ -101,14 +101,11 @@ def _check_catalog(
         for bits, q in entry.quantizations.items()
         if bits.upper() in memory.QUANTS
     }
-    # Published files already in the hub cache: their headers give the real sizes (no download here).
-    mm_local: Path | None = Path(mmproj) if mmproj is not None else None
-    if mm_local is None and entry.mmproj is not None:
-        mm_local = hub.cached_file(entry.mmproj)
+    # Pairs already on disk (hub cache or converted here): their headers give the real sizes. No download.
     local: dict[str, tuple[Path, Path | None]] = {}
-    for bits, f in entry.gguf.items():
-        if bits.upper() in memory.QUANTS and (p := hub.cached_file(f)) is not None:
-            local[bits] = (p, mm_local)
+    for bits in entry.quantizations or {q.lower(): None for q in memory.QUANTS}:
+        if bits.upper() in memory.QUANTS and (pair := local_pair(entry, bits)) is not None:
+            local[bits] = (pair[0], Path(mmproj) if mmproj is not None else pair[1])
     if entry.architecture is None:
         if not local:
             raise UsageError(
