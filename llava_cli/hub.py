@@ -274,9 +274,8 @@ def download_checkpoint(
     names = sorted(s.rfilename for s in info.siblings or [] if _wanted(s.rfilename))
     if "config.json" not in names:
         raise HubError(f"{what} has no config.json on {where}: not a Hugging Face checkpoint")
-    commit = info.sha or revision
-    # Pin every file to the commit just resolved, so a push to the repo mid-download cannot mix two versions.
-    files = [HubFile(repo, name, commit) for name in names]
+    # By revision (not the commit just listed) so huggingface_hub records refs/<revision> for offline use later.
+    files = [HubFile(repo, name, revision) for name in names]
     paths = download_files(files, fix=fix, on_progress=on_progress)
     return paths[0].parent  # the snapshot dir: only top-level files are fetched
 
