@@ -24,6 +24,7 @@ import queue
 import re
 import signal
 import string
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -804,41 +805,30 @@ def caption_batch(
         # Start decoding before the model loads: the first images are ready when it is.
         prefetcher = Prefetcher(todo, ahead=prefetch, want_existing=uses_existing, max_pixels=max_pixels)
         log = None
+        interrupts = _Interrupts(
+            lambda: notice("Ctrl-C: finishing the current image, then stopping (press it again to stop now)")
+        )
         try:
-            model = captioner if hasattr(captioner, "caption") else captioner()  # type: ignore[operator]
-            log = RecordLog(log_path, log_fmt) if log_path is not None and log_fmt is not None else None
-            interrupts = _Interrupts(
-                lambda: notice("Ctrl-C: finishing the current image, then stopping (press it again to stop now)")
-            )
             with interrupts if handle_sigint else contextlib.nullcontext(interrupts):
-                completed = 0
-                if on_progress:
-                    on_progress(0, len(todo))
                 try:
-                    for item in prefetcher:
-                        if interrupts.requested:
-                            summary.interrupted = True
-                            break
-                        record = _caption_one(model, item, prompt_t, prefix_t, suffix_t, clashes)
-                        if record.ok and write_sidecars:
-                            write_sidecar(item.path, record.caption or "")
-                        if log is not None:
-                            log.write(record)
-                        completed += 1
-                        if record.ok:
-                            summary.done += 1
-                            summary.tokens += record.tokens
-                        else:
-                            summary.failed += 1
-                            summary.failures.append(record)
-                        if on_record:
-                            on_record(record)
-                        if on_progress:
-                            on_progress(completed, len(todo))
-                    else:
-                        summary.interrupted = interrupts.requested
+                    model: Captioner = captioner() if callable(captioner) else captioner
+                    if log_path is not None and log_fmt is not None:
+                        log = RecordLog(log_path, log_fmt)
+                    _run_loop(
+                        model,
+                        prefetcher,
+                        log,
+                        write_sidecars,
+                        summary,
+                        interrupts,
+                        len(todo),
+                        templates=(prompt_t, prefix_t, suffix_t),
+                        clashes=clashes,
+                        on_progress=on_progress,
+                        on_record=on_record,
+                    )
                 except KeyboardInterrupt:
-                    # Second Ctrl-C (or Ctrl-C outside our handler): the current image is dropped, not recorded.
+                    # Second Ctrl-C (or one during the model load): the current image is dropped, not recorded.
                     summary.interrupted = True
         finally:
             prefetcher.close()
@@ -846,6 +836,44 @@ def caption_batch(
                 log.close()
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _run_loop(
+    model: Captioner,
+    prefetcher: Prefetcher,
+    log: RecordLog | None,
+    write_sidecars: bool,
+    summary: CaptionSummary,
+    interrupts: _Interrupts,
+    total: int,
+    *,
+    templates: tuple[Template, Template, Template],
+    clashes: dict[str, str],
+    on_progress: Callable[[int, int], None] | None,
+    on_record: Callable[[CaptionRecord], None] | None,
+) -> None:
+    if on_progress:
+        on_progress(0, total)
+    for completed, item in enumerate(prefetcher, start=1):
+        if interrupts.requested:
+            break
+        record = _caption_one(model, item, *templates, clashes)
+        # Sidecar first, then the log record: if we die in between, the image is redone and the sidecar rewritten.
+        if record.ok and write_sidecars:
+            write_sidecar(item.path, record.caption or "")
+        if log is not None:
+            log.write(record)
+        if record.ok:
+            summary.done += 1
+            summary.tokens += record.tokens
+        else:
+            summary.failed += 1
+            summary.failures.append(record)
+        if on_record:
+            on_record(record)
+        if on_progress:
+            on_progress(completed, total)
+    summary.interrupted = interrupts.requested
 
 
 def _caption_one(
@@ -884,3 +912,101 @@ def _caption_one(
     record.tokens = n_tokens
     record.caption = prefix_t.render(values) + text.strip() + suffix_t.render(values)
     return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real model
+
+
+class EngineCaptioner:
+    """A `Captioner` over a loaded `Engine`: each image is a fresh one-turn conversation; the engine (model,
+    vision encoder, image-embedding cache keyed by the image bytes' SHA-256) stays loaded for the whole batch."""
+
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        model_name: str,
+        quantization: str,
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 0.95,
+        seed: int | None = None,
+        system: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.quantization = quantization
+        self.options = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+        self.system = system
+
+    def caption(self, image: LoadedImage, prompt: str) -> tuple[str, int]:
+        answer = self.engine.ask(prompt, [image], system=self.system, **self.options)
+        return answer.text, answer.completion_tokens
+
+
+def caption(
+    inputs: Sequence[str | os.PathLike[str]],
+    *,
+    model: str | None = None,
+    mmproj: str | os.PathLike[str] | None = None,
+    bits: str | None = None,
+    ctx: int = 2048,
+    threads: int | None = None,
+    n_gpu_layers: str | int = 0,
+    mmproj_offload: bool = True,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 0.95,
+    seed: int | None = None,
+    system: str | None = None,
+    verbose: bool = False,
+    on_note: Callable[[str], None] | None = None,
+    **batch: Any,
+) -> CaptionSummary:
+    """`caption_batch` with the real model: resolve ``model`` (catalog id, checkpoint dir or .gguf + ``mmproj``) and
+    load it once, only if some image still needs a caption. Keyword arguments are `llava caption`'s flags.
+
+    Example::
+
+        from llava_cli.captioning import caption
+        summary = caption(["photos/"], model="llava-1.5-7b", recursive=True, out="captions.jsonl")
+    """
+    from llava_cli.engine import Engine
+    from llava_cli.resolve import resolve_model
+
+    note = on_note or (lambda message: print(f"note: {message}", file=sys.stderr))
+    engines: list[Any] = []
+
+    def load() -> EngineCaptioner:
+        resolved = resolve_model(model, mmproj=Path(mmproj) if mmproj is not None else None, bits=bits)
+        if resolved.noise:
+            note(f"{resolved.name} has random weights: its captions are noise")
+        engine = Engine(
+            resolved.text_path,
+            resolved.mmproj_path,
+            n_ctx=ctx,
+            n_threads=threads,
+            n_gpu_layers=n_gpu_layers,
+            mmproj_offload=mmproj_offload,
+            verbose=verbose,
+            on_note=note,
+        )
+        engines.append(engine)
+        return EngineCaptioner(
+            engine,
+            model_name=resolved.name,
+            quantization=resolved.quantization,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            system=system,
+        )
+
+    batch.setdefault("on_notice", note)
+    try:
+        return caption_batch(inputs, captioner=load, **batch)
+    finally:
+        for engine in engines:
+            engine.close()
