@@ -130,6 +130,54 @@ def _default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+class VocabOnly:
+    """Just the tokenizer of a text GGUF (llama.cpp ``vocab_only``: no weights loaded). For counting tokens and
+    for tests; an `Engine` has its own ``tokenizer``."""
+
+    def __init__(self, text_path: str | os.PathLike[str]) -> None:
+        import llama_cpp
+
+        read_gguf(text_path, expect="text")
+        _log.install(False)
+        _backend_init()
+        self._lc = llama_cpp
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        mark = _log.mark()
+        self._model = llama_cpp.llama_model_load_from_file(str(text_path).encode(), params)
+        if not self._model:
+            raise ModelFileError(f"llama.cpp could not read the vocabulary of {text_path}: {_log.reason(mark)}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.tokenizer = Tokenizer(self.tokenize_raw, llama_cpp.llama_vocab_eos(self.vocab))
+
+    def tokenize_raw(self, text: str, add_special: bool) -> list[int]:
+        return _tokenize(self._lc, self.vocab, text, add_special)
+
+    def close(self) -> None:
+        if self._model:
+            self._lc.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> VocabOnly:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def _tokenize(lc: Any, vocab: Any, text: str, add_special: bool) -> list[int]:
+    """llama_tokenize with parse_special=False: user text never turns into control tokens."""
+    data = text.encode("utf-8")
+    n_max = len(data) + 8
+    buf = (lc.llama_token * n_max)()
+    n = lc.llama_tokenize(vocab, data, len(data), buf, n_max, add_special, False)
+    if n < 0:
+        n_max = -n
+        buf = (lc.llama_token * n_max)()
+        n = lc.llama_tokenize(vocab, data, len(data), buf, n_max, add_special, False)
+    return list(buf[:n])
+
+
 # ------------------------------------------------------------------------------------------------ results
 
 
@@ -276,8 +324,16 @@ class Engine:
         _backend_init()
         self.n_threads = n_threads or _default_threads()
         self.n_threads_batch = n_threads_batch or self.n_threads
-        self.n_gpu_layers = self._resolve_gpu_layers(n_gpu_layers, n_ctx)
-        self.mmproj_offload = bool(mmproj_offload and self.n_gpu_layers > 0 and llama_cpp.llama_supports_gpu_offload())
+        self.offload_reason = ""
+        self._auto_mmproj_gpu = True
+        self.n_gpu_layers = self._resolve_gpu_layers(n_gpu_layers, n_ctx, mmproj_offload, flash_attn)
+        # CLIP follows the text model: on the GPU only when layers are offloaded (and the planner agrees).
+        self.mmproj_offload = bool(
+            mmproj_offload
+            and self._auto_mmproj_gpu
+            and self.n_gpu_layers > 0
+            and llama_cpp.llama_supports_gpu_offload()
+        )
         self.n_batch = max(1, n_batch)
         self.n_ubatch = max(1, min(n_ubatch, self.n_batch))
         self.stats = EngineStats()
@@ -297,7 +353,9 @@ class Engine:
         self.notes.append(msg)
         self._on_note(msg)
 
-    def _resolve_gpu_layers(self, value: GpuLayers | str, n_ctx: int) -> int:
+    def _resolve_gpu_layers(
+        self, value: GpuLayers | str, n_ctx: int, mmproj_offload: bool, flash_attn: bool | None
+    ) -> int:
         global _warned_gpu
         n_layer = self.text_info.n_layer
         if isinstance(value, str):
@@ -305,7 +363,7 @@ class Engine:
             if v == "all":
                 wanted = n_layer + 1  # +1: the output layer
             elif v == "auto":
-                return self._auto_gpu_layers(n_ctx)
+                return self._auto_gpu_layers(n_ctx, mmproj_offload, flash_attn)
             else:
                 try:
                     wanted = int(v)
@@ -327,21 +385,17 @@ class Engine:
             return 0
         return wanted
 
-    def _auto_gpu_layers(self, n_ctx: int) -> int:
-        if not self._lc.llama_supports_gpu_offload():
-            return 0
-        try:
-            from llava_cli import memory
-        except ImportError:
-            self._note("--n-gpu-layers auto: the memory planner is not available; running on the CPU")
-            return 0
-        plan_fn = getattr(memory, "plan_offload", None)
-        if plan_fn is None:
-            self._note("--n-gpu-layers auto: the memory planner has no plan_offload(); running on the CPU")
-            return 0
-        plan = plan_fn(self.text_info, self.mmproj_info, n_ctx=n_ctx)
-        layers = getattr(plan, "n_gpu_layers", plan)
-        return int(layers) if isinstance(layers, (int, np.integer)) else 0
+    def _auto_gpu_layers(self, n_ctx: int, mmproj_offload: bool, flash_attn: bool | None) -> int:
+        """``--n-gpu-layers auto``: ask the memory planner how many layers fit in free VRAM."""
+        from llava_cli.memory import plan_offload
+
+        plan = plan_offload(
+            self.text_path, self.mmproj_path, n_ctx=n_ctx, flash_attn=bool(flash_attn), mmproj_offload=mmproj_offload
+        )
+        self.offload_reason = plan.reason
+        self.notes.append(f"--n-gpu-layers auto: {plan.reason}")  # recorded, not printed: it is the normal case
+        self._auto_mmproj_gpu = plan.mmproj_on_gpu
+        return self.text_info.n_layer + 1 if plan.n_gpu_layers < 0 else plan.n_gpu_layers
 
     def _load(self, n_ctx: int, flash_attn: bool | None) -> None:
         lc, mtmd = self._lc, self._mtmd
@@ -449,15 +503,7 @@ class Engine:
     # -- internals used by Conversation
 
     def _tokenize_raw(self, text: str, add_special: bool) -> list[int]:
-        data = text.encode("utf-8")
-        n_max = len(data) + 8
-        buf = (self._lc.llama_token * n_max)()
-        n = self._lc.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, False)
-        if n < 0:
-            n_max = -n
-            buf = (self._lc.llama_token * n_max)()
-            n = self._lc.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, False)
-        return list(buf[:n])
+        return _tokenize(self._lc, self.vocab, text, add_special)
 
     def token_bytes(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(64)
@@ -555,7 +601,16 @@ class Engine:
         new_n_past = self._lc.llama_pos(n_past)
         embd_ptr = entry.embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         rc = mtmd.mtmd_helper_decode_image_chunk(
-            self._mctx, self._ctx, entry.chunk, embd_ptr, n_past, 0, self.n_batch, ctypes.byref(new_n_past), None, None
+            self._mctx,
+            self._ctx,
+            entry.chunk,
+            embd_ptr,
+            n_past,
+            0,
+            self.n_batch,
+            ctypes.byref(new_n_past),
+            mtmd.mtmd_helper_post_decode_callback(),  # NULL: no post-decode hook
+            None,
         )
         if rc != 0:
             raise LlavaError(f"decoding the image embeddings failed (code {rc}): {_log.reason()}")
