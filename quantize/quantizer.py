@@ -758,6 +758,23 @@ def quality_images(size: int = 336) -> list[bytes]:
     return out
 
 
+_QUIET_LOG: Any = None  # the ctypes callback must outlive every call into mtmd: keep a reference here
+
+
+def _quiet_mtmd_logs() -> None:
+    """mtmd and clip log every image they encode to stderr; keep the CLI's output clean unless debugging."""
+    global _QUIET_LOG
+    if os.environ.get("LLAVA_DEBUG") == "1":
+        return
+    import llama_cpp
+    from llama_cpp import mtmd_cpp
+
+    if _QUIET_LOG is None:
+        _QUIET_LOG = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    mtmd_cpp.mtmd_log_set(_QUIET_LOG, None)
+    mtmd_cpp.mtmd_helper_log_set(_QUIET_LOG, None)
+
+
 class _Scorer:
     """A GGUF pair loaded with llama-cpp-python + mtmd, giving the next-token logits over an answer."""
 
@@ -766,6 +783,7 @@ class _Scorer:
         from llama_cpp import mtmd_cpp
 
         self._lc, self._mt = llama_cpp, mtmd_cpp
+        _quiet_mtmd_logs()
         self.llm = llama_cpp.Llama(
             model_path=str(text_path), n_ctx=n_ctx, n_batch=512, n_threads=_cpu_count(), n_gpu_layers=0, verbose=False
         )

@@ -13,20 +13,18 @@ from rich.console import Console
 from llava_cli.cli.options import BitsOpt, JsonOpt, QuietOpt
 from llava_cli.cli.progress import ProgressFn, progress_bar
 
-HELP = """Quantize a LLaVA model with llama.cpp's own quantizer (all cores): text model and vision projector.
-
-SOURCE is a Hugging Face checkpoint directory (converted to F16 first, in a temporary directory removed afterwards), an F16/F32/BF16 text-model .gguf with its mmproj-*.gguf beside it, or a catalog id whose checkpoint is already in the local Hugging Face cache.
-
-Writes <model>.<bits>.gguf and mmproj-<model>.<mmproj-bits>.gguf. A file that is already quantized is refused: quantize from F16.
-
-Examples:
-
-  llava quantize ./llava-1.5-7b-hf --bits q4_k_m --out models/
-
-  llava quantize models/llava-1.5-7b.f16.gguf --bits Q6_K --mmproj-bits q8_0
-
-  llava quantize models/llava-1.5-7b.f16.gguf --bits q8_0 --report --json
-"""
+HELP = (
+    "Quantize a LLaVA model with llama.cpp's own quantizer (all cores): text model and vision projector.\n\n"
+    "SOURCE is a Hugging Face checkpoint directory (converted to F16 first, in a temporary directory removed "
+    "afterwards), an F16/F32/BF16 text-model .gguf with its mmproj-*.gguf beside it, or a catalog id whose "
+    "checkpoint is already in the local Hugging Face cache.\n\n"
+    "Writes <model>.<bits>.gguf and mmproj-<model>.<mmproj-bits>.gguf. A file that is already quantized is "
+    "refused: quantize from F16.\n\n"
+    "Examples:\n\n"
+    "  llava quantize ./llava-1.5-7b-hf --bits q4_k_m --out models/\n\n"
+    "  llava quantize models/llava-1.5-7b.f16.gguf --bits Q6_K --mmproj-bits q8_0\n\n"
+    "  llava quantize models/llava-1.5-7b.f16.gguf --bits q8_0 --report --json\n"
+)
 
 MmprojBitsOpt = Annotated[
     str,
