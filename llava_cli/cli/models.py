@@ -1,9 +1,168 @@
-"""CLI commands of this group: see register()."""
+"""`llava models` (the catalog and what is on disk) and `llava pull` (download or build a model now)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from llava_cli.catalog import Catalog, ModelEntry, load_catalog, normalize_bits
+from llava_cli.cli.options import BitsOpt, JsonOpt, QuietOpt
+from llava_cli.cli.progress import progress_bar
+from llava_cli.resolve import MANIFEST, local_pair, resolve_model
+
+MODELS_HELP = """List the catalog's models, which quantizations are on disk, and their size.
+
+Examples:
+
+  llava models
+
+  llava models --json
+"""
+
+PULL_HELP = """Download a model's text GGUF and vision projector into the Hugging Face cache, now.
+
+When no published file has the quantization asked for, the checkpoint is downloaded and converted + quantized
+locally instead. `llava run`, `chat` and `caption` do the same on first use; `pull` lets you do it ahead of time.
+Honours HF_HUB_OFFLINE=1 (then it only checks the cache) and HF_ENDPOINT (a mirror).
+
+Examples:
+
+  llava pull llava-1.5-7b
+
+  llava pull llava-1.5-13b --bits q6_k
+
+  llava pull tiny-random
+"""
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="Catalog id (see `llava models`), or a checkpoint directory to convert. Example: llava-1.5-13b",
+        show_default=False,
+    ),
+]
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit in ("B", "KB") else f"{size:.2f} {unit}"
+        size /= 1000
+    return f"{n} B"
+
+
+def _local_bits(entry: ModelEntry, models_dir: Path) -> list[str]:
+    """Every quantization we could find on disk for `entry`: catalog ones plus what the manifest records."""
+    bits = list(dict.fromkeys([*entry.gguf, *entry.quantizations]))
+    try:
+        manifest = json.loads((models_dir / entry.id / MANIFEST).read_text(encoding="utf-8"))
+        bits += [b for b in manifest.get("files", {}) if b not in bits]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return bits
+
+
+def model_rows(catalog: Catalog) -> list[dict[str, Any]]:
+    """One dict per model: what `llava models --json` prints."""
+    from llava_cli.paths import models_dir
+
+    root = models_dir()
+    rows = []
+    for entry in catalog:
+        local: dict[str, Any] = {}
+        seen: set[Path] = set()
+        total = 0
+        for bits in _local_bits(entry, root):
+            pair = local_pair(entry, bits)
+            if pair is None:
+                continue
+            size = 0
+            for f in pair:
+                real = f.resolve()
+                n = real.stat().st_size
+                size += n
+                if real not in seen:
+                    seen.add(real)
+                    total += n
+            local[bits] = {"text_path": str(pair[0]), "mmproj_path": str(pair[1]), "bytes": size}
+        rows.append(
+            {
+                "id": entry.id,
+                "description": entry.description,
+                "source": entry.source,
+                "checkpoint": entry.checkpoint,
+                "default": entry.id == catalog.default_model,
+                "default_bits": entry.default_bits or catalog.default_bits,
+                "published": sorted(entry.gguf),
+                "local": local,
+                "size_on_disk": total,
+                "noise": entry.noise,
+            }
+        )
+    return rows
+
+
+def models(json_out: JsonOpt = False) -> None:
+    """List the catalog's models, which quantizations are on disk, and their size."""
+    catalog = load_catalog()
+    rows = model_rows(catalog)
+    if json_out:
+        payload = {"default": {"model": catalog.default_model, "bits": catalog.default_bits}, "models": rows}
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    table = Table(title="llava-cli models", title_justify="left")
+    table.add_column("id", style="bold", no_wrap=True)
+    table.add_column("description")
+    table.add_column("on disk", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    for row in rows:
+        name = row["id"] + (" [green](default)[/]" if row["default"] else "")
+        local = ", ".join(row["local"]) or "[dim]-[/]"
+        size = _human(row["size_on_disk"]) if row["local"] else ""
+        table.add_row(name, row["description"], local, size)
+    console = Console(soft_wrap=False)
+    console.print(table)
+    files = ", ".join(str(f) for f in catalog.files)
+    console.print(
+        f"[dim]default: {catalog.default_model} at {catalog.default_bits}; catalogs: {files}; "
+        "get one now with `llava pull <id> --bits <q>`[/]",
+        highlight=False,
+    )
+
+
+def pull(model: ModelArg, bits: BitsOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False) -> None:
+    """Download (or build) a model now."""
+    # Bad arguments fail before a progress bar is drawn.
+    if bits is not None:
+        normalize_bits(bits)
+    if not Path(model).expanduser().exists():
+        load_catalog().get(model)
+    with progress_bar(f"pull {model}" + (f" {bits}" if bits else ""), quiet=quiet or json_out) as update:
+        resolved = resolve_model(model, bits=bits, download=True, on_progress=update)
+    if json_out:
+        payload = {
+            "model": resolved.name,
+            "bits": resolved.quantization,
+            "text_path": str(resolved.text_path),
+            "mmproj_path": str(resolved.mmproj_path),
+            "noise": resolved.noise,
+        }
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    typer.echo(f"{resolved.name} {resolved.quantization}")
+    typer.echo(f"  text:   {resolved.text_path}")
+    typer.echo(f"  mmproj: {resolved.mmproj_path}")
+    if resolved.noise:
+        typer.echo("  note: random weights, its answers are noise (it proves the installation works)")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the app (being built)."""
+    """Add `models` and `pull` to the app."""
+    app.command("models", help=MODELS_HELP)(models)
+    app.command("pull", help=PULL_HELP)(pull)
