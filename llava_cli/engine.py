@@ -740,10 +740,10 @@ class Conversation:
             n_img = sum(1 for p in new_pieces if isinstance(p, _ImagePiece))
             detail = f" ({n_img} image(s) × {eng.n_image_tokens} tokens)" if n_img else ""
             history = self.n_tokens
+            so_far = f", {history} of them from the conversation so far," if history else ""
             raise ContextOverflowError(
-                f"the prompt needs {needed} tokens{detail}, {history} of them from the conversation so far, "
-                f"but the context holds {eng.n_ctx}",
-                hint="raise --ctx, or /clear the chat"
+                f"the prompt needs {needed} tokens{detail}{so_far} but the context holds {eng.n_ctx}",
+                hint="/clear the chat or raise --ctx"
                 if history
                 else f"raise --ctx (each image takes {eng.n_image_tokens} tokens)",
             )
