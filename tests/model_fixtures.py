@@ -63,8 +63,16 @@ class MtmdSession:
         import llama_cpp.mtmd_cpp as mtmd
 
         self.llama_cpp, self.mtmd = llama_cpp, mtmd
+        # F32 KV cache so that comparisons against transformers measure the model, not the cache type.
         self.llm = llama_cpp.Llama(
-            model_path=str(text_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=2, verbose=False
+            model_path=str(text_path),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_ubatch=n_ctx,
+            n_threads=2,
+            type_k=llama_cpp.GGML_TYPE_F32,
+            type_v=llama_cpp.GGML_TYPE_F32,
+            verbose=False,
         )
         params = mtmd.mtmd_context_params_default()
         params.use_gpu = False
