@@ -57,6 +57,18 @@ IMAGE_EXTENSIONS = frozenset(ext.lower() for ext, fmt in Image.registered_extens
 _GLOB_MAGIC = re.compile(r"[*?[]")
 
 
+class SomeImagesFailed(LlavaError):
+    """The batch finished, but some images could not be captioned (their records carry the reason)."""
+
+    exit_code = EXIT_SOME_FAILED
+
+
+class BatchInterrupted(LlavaError):
+    """Ctrl-C stopped the batch; what was done is recorded and the same command resumes it."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Records
 

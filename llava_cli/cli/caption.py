@@ -288,8 +288,16 @@ def caption_command(
     summary.seconds = summary.seconds or time.monotonic() - t0
     style = "red" if summary.failed or summary.interrupted else "green"
     console.print(f"[{style}]{_summary_line(summary)}[/]", markup=True, highlight=False)
-    if summary.exit_code:
-        raise typer.Exit(summary.exit_code)
+    # Exceptions, not typer.Exit or KeyboardInterrupt: in main()'s non-standalone mode Typer turns those into a
+    # return value that is not used as the exit code; our errors go through the boundary with their exit codes.
+    if summary.interrupted:
+        raise captioning.BatchInterrupted("interrupted", hint="run the same command again to caption the rest")
+    if summary.failed:
+        where = f"the error field of their records in {summary.out}" if summary.out else "the messages above"
+        raise captioning.SomeImagesFailed(
+            f"{summary.failed} of {summary.done + summary.failed} images could not be captioned",
+            hint=f"see {where}; fix or remove them and run the same command again to retry only those",
+        )
 
 
 def register(app: typer.Typer) -> None:
