@@ -9,15 +9,18 @@ What this module adds:
 * one progress callback ``on_progress(completed, total)`` over all the files of a request;
 * every failure becomes a one-line `HubError` saying what is missing and the command that fixes it.
 
-Resuming: huggingface_hub (>= 1.0) resumes a transfer whose connection drops (it re-requests the rest with a
-``Range`` header, up to 5 times without progress); files already complete are never fetched again, so re-running
-an interrupted ``llava pull`` only fetches what is missing.
+Resuming: a transfer whose connection drops is resumed in-process by huggingface_hub's ``http_get`` (a ``Range``
+request for the rest, up to 5 times without progress). Across processes (Ctrl-C, a crash, a reboot) huggingface_hub
+>= 1.0 starts over, so `_fetch_blob` keeps a persistent partial file and resumes it on the next run; files already
+complete are never fetched again.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,28 +196,31 @@ def download_files(
     tally = _Tally(on_progress)
     cache = str(cache_dir())
     where = endpoint()
-    # Sizes first (one HEAD per file not yet cached) so the progress total covers every file from the start.
-    sizes: list[int] = []
+    # Metadata first (one HEAD per file not yet cached) so the progress total covers every file from the start.
+    metas: list[Any] = []
     for file in files:
         if cached_file(file) is not None:
-            sizes.append(0)
+            metas.append(None)
             continue
         try:
-            meta = huggingface_hub.get_hf_file_metadata(
-                huggingface_hub.hf_hub_url(file.repo, file.file, revision=file.revision, endpoint=where),
-                endpoint=where,
+            metas.append(
+                huggingface_hub.get_hf_file_metadata(
+                    huggingface_hub.hf_hub_url(file.repo, file.file, revision=file.revision, endpoint=where),
+                    endpoint=where,
+                )
             )
-            sizes.append(meta.size or 0)
         except Exception as exc:
             if isinstance(exc, (hf_errors.OfflineModeIsEnabled, hf_errors.HfHubHTTPError, *_transport_error_types())):
                 raise hub_error(exc, _describe(file), fix) from exc
             raise
-    tally.total = sum(sizes)
+    tally.total = sum((m.size or 0) for m in metas if m is not None)
 
     out: list[Path] = []
-    for file, size in zip(files, sizes, strict=True):
+    for file, meta in zip(files, metas, strict=True):
         start = tally.done
         try:
+            if meta is not None:
+                _fetch_blob(file, meta, Path(cache), where, tally)
             path = huggingface_hub.hf_hub_download(
                 file.repo,
                 file.file,
@@ -223,6 +229,8 @@ def download_files(
                 endpoint=where,
                 tqdm_class=tally.bar_class(),
             )
+        except HubError:
+            raise
         except (hf_errors.EntryNotFoundError, hf_errors.HfHubHTTPError, hf_errors.OfflineModeIsEnabled) as exc:
             raise hub_error(exc, _describe(file), fix) from exc
         except OSError as exc:  # consistency check after a truncated body, disk full...
@@ -232,10 +240,68 @@ def download_files(
                 raise hub_error(exc, _describe(file), fix) from exc
             raise
         # Settle the tally on the file's real size (a cached file reports nothing; a retried range may overlap).
-        tally.done = start + size
+        tally.done = start + ((meta.size or 0) if meta is not None else 0)
         tally.add(0)
         out.append(Path(path))
     return out
+
+
+def partial_dir() -> Path:
+    """Where interrupted downloads wait to be resumed (inside the hub cache: same disk as the blobs)."""
+    return cache_dir() / ".llava-partial"
+
+
+def _fetch_blob(file: HubFile, meta: Any, cache: Path, where: str, tally: _Tally) -> None:
+    """Download a file's blob into the hub cache through a *persistent* partial file, so that a download
+    interrupted by Ctrl-C, a crash or a lost connection resumes where it stopped on the next run.
+
+    huggingface_hub (>= 1.0) deletes its temporary file on any failure and starts over; for multi-GB GGUFs we keep
+    ``<cache>/.llava-partial/<repo>--<etag>`` instead, resume it with a ``Range`` request (huggingface_hub's own
+    ``http_get``), check the SHA-256 the Hub gives as an LFS file's ETag, and move it to ``blobs/<etag>``;
+    ``hf_hub_download`` then only adds the snapshot symlink and ref. Xet-stored files are left to huggingface_hub
+    (its Xet client has its own chunk cache).
+    """
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    if meta.xet_file_data is not None or not meta.etag or not meta.size:
+        return
+    storage = cache / ("models--" + file.repo.replace("/", "--"))
+    blob = storage / "blobs" / meta.etag
+    if blob.exists():
+        return
+    partial_dir().mkdir(parents=True, exist_ok=True)
+    partial = partial_dir() / f"{storage.name}--{meta.etag}"
+    have = partial.stat().st_size if partial.exists() else 0
+    if have > meta.size:  # not ours to resume
+        partial.unlink()
+        have = 0
+    same_origin = meta.location.startswith(where + "/")
+    # The token may only go to the Hub itself, never to the CDN a redirect points at.
+    headers = build_hf_headers() if same_origin else {}
+    with open(partial, "ab") as fh:
+        http_get(
+            meta.location,
+            fh,
+            resume_size=have,
+            headers=headers,
+            expected_size=meta.size,
+            displayed_filename=file.file,
+            tqdm_class=tally.bar_class(),
+        )
+    if re.fullmatch(r"[0-9a-f]{64}", meta.etag):  # an LFS file: its ETag is the content's SHA-256
+        digest = hashlib.sha256()
+        with open(partial, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(block)
+        if digest.hexdigest() != meta.etag:
+            partial.unlink()
+            raise HubError(
+                f"{_describe(file)} was corrupt after download (SHA-256 mismatch); the partial file was removed",
+                hint="run the same command again",
+            )
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(partial, blob)
 
 
 def download_checkpoint(

@@ -224,6 +224,45 @@ def test_dropped_connection_is_resumed_with_a_range_request(fake_hub: FakeHub) -
     assert seen[-1] == (len(data), len(data))
 
 
+def _big_file(fake_hub: FakeHub) -> tuple[HubFile, bytes, str, int]:
+    chunk = huggingface_hub.constants.DOWNLOAD_CHUNK_SIZE
+    data = bytes(range(251)) * ((2 * chunk + chunk // 2) // 251)
+    fake_hub.repos["test/big"] = {"big.gguf": data}
+    return HubFile("test/big", "big.gguf"), data, hashlib.sha256(data).hexdigest(), chunk
+
+
+def test_interrupted_process_resumes_from_its_partial_file(fake_hub: FakeHub) -> None:
+    big, data, sha, chunk = _big_file(fake_hub)
+
+    def ctrl_c(done: int, total: int) -> None:
+        if done > chunk:  # Ctrl-C while the second piece arrives: the first is on disk
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        hub.download_files([big], fix=FIX, on_progress=ctrl_c)
+    (partial,) = hub.partial_dir().iterdir()
+    assert partial.stat().st_size == chunk and hub.cached_file(big) is None
+    # "The next run": only the rest is requested, the result is whole and in the cache, the partial is gone.
+    seen: list[tuple[int, int]] = []
+    (path,) = hub.download_files([big], fix=FIX, on_progress=lambda c, t: seen.append((c, t)))
+    assert path.read_bytes() == data
+    gets = [r for m, p, r in fake_hub.requests if m == "GET" and p == f"/cdn/{sha}"]
+    assert gets == [None, f"bytes={chunk}-"]
+    assert seen[0][0] >= chunk and seen[-1] == (len(data), len(data))
+    assert list(hub.partial_dir().iterdir()) == []
+
+
+def test_corrupt_partial_file_is_detected_and_removed(fake_hub: FakeHub) -> None:
+    big, data, sha, chunk = _big_file(fake_hub)
+    hub.partial_dir().mkdir(parents=True)
+    (hub.partial_dir() / f"models--test--big--{sha}").write_bytes(b"\xff" * 1000)  # not the file's first bytes
+    with pytest.raises(HubError, match="SHA-256 mismatch"):
+        hub.download_files([big], fix=FIX)
+    assert list(hub.partial_dir().iterdir()) == []
+    (path,) = hub.download_files([big], fix=FIX)
+    assert path.read_bytes() == data
+
+
 def test_offline_with_nothing_cached_names_file_and_fix(fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubError) as info:
