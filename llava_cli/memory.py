@@ -43,8 +43,8 @@ CLIP_COMPUTE_GPU = 64 * MiB  # clip.cpp's compute buffer for one 336px image (lo
 MIN_PARTIAL_BLOCKS = 4  # fewer offloaded blocks than this is not worth the PCIe traffic: text on the CPU
 
 # --- CPU-side terms, calibrated by bench/bench_memory.py (docs/memory.md) ----------------------------------------
-CPU_RUNTIME = 230 * MiB  # Python + numpy/PIL + llama.cpp/ggml code, threads and allocator slack
-CLIP_COMPUTE_CPU = 64 * MiB
+CPU_RUNTIME = 70 * MiB  # Python + numpy/PIL + llama.cpp/ggml code and data, threads, allocator slack
+IMAGE_EMBD_COPIES = 5  # mtmd output, the engine's embedding cache, decode batches, preprocessing buffers
 
 Quant = str
 Placement = Literal["full", "partial", "cpu", "no"]
@@ -271,6 +271,7 @@ class WeightSizes:
     other: int  # anything else in the text file
     n_params: int  # text-model elements
     mmproj: int
+    repacked: int = 0  # blk.* bytes the CPU backend copies into its repacked (interleaved) layout
 
     @property
     def text(self) -> int:
@@ -284,24 +285,32 @@ class WeightSizes:
 _BLK = re.compile(r"^blk\.(\d+)\.")
 
 
+# ggml's CPU backend (AVX2/NEON builds) re-lays these out for faster matmuls (CPU_REPACK buffer): the copy is
+# anonymous memory while the mmap'd original stays mapped, so both count in RSS. token_embd and the output
+# cannot be repacked (get_rows / not supported), nor can Q6_K, Q8_0 or F16 in the vendored ggml (measured).
+REPACK_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})
+
+
 def _group(
-    quant: Quant, source: str, n_layer: int, tensors: Iterable[tuple[str, int, int]], mmproj: int
+    quant: Quant, source: str, n_layer: int, tensors: Iterable[tuple[str, int, int, str]], mmproj: int
 ) -> WeightSizes:
-    """tensors: (name, n_elements, n_bytes)."""
+    """tensors: (name, n_elements, n_bytes, ggml type name)."""
     blocks = [0] * n_layer
-    output = token_embd = other = n_params = 0
-    for name, n_el, n_bytes in tensors:
+    output = token_embd = other = n_params = repacked = 0
+    for name, n_el, n_bytes, type_name in tensors:
         n_params += n_el
         m = _BLK.match(name)
         if m and int(m.group(1)) < n_layer:
             blocks[int(m.group(1))] += n_bytes
+            if type_name in REPACK_TYPES and name.endswith(".weight"):
+                repacked += n_bytes
         elif name.startswith("output"):
             output += n_bytes
         elif name.startswith("token_embd"):
             token_embd += n_bytes
         else:
             other += n_bytes
-    return WeightSizes(quant, source, tuple(blocks), output, token_embd, other, n_params, mmproj)
+    return WeightSizes(quant, source, tuple(blocks), output, token_embd, other, n_params, mmproj, repacked)
 
 
 def _n_elements(shape: Sequence[int]) -> int:
@@ -316,7 +325,7 @@ def sizes_from_architecture(arch: Architecture, quant: Quant, *, mmproj_bits: st
     quant = normalize_quant(quant)
     text = quantized_types(text_tensor_shapes(arch), quant, arch.n_layer)
     mm = sum(tensor_bytes(t, s) for _, s, t in mmproj_tensor_shapes(arch, mmproj_bits))
-    rows = ((n, _n_elements(s), tensor_bytes(t, s)) for n, s, t in text)
+    rows = ((n, _n_elements(s), tensor_bytes(t, s), t.name) for n, s, t in text)
     return _group(quant, "architecture", arch.n_layer, rows, mm)
 
 
@@ -325,7 +334,7 @@ def sizes_from_gguf(text: GGUFInfo, mmproj: GGUFInfo | None) -> WeightSizes:
     quant = (text.file_type or "").upper()
     quant = {"Q4_K": "Q4_K_M", "MOSTLY_Q4_K_M": "Q4_K_M"}.get(quant, quant) or "?"
     mm = sum(t.n_bytes for t in mmproj.tensors) if mmproj is not None else 0
-    rows = ((t.name, t.n_elements, t.n_bytes) for t in text.tensors)
+    rows = ((t.name, t.n_elements, t.n_bytes, t.type_name) for t in text.tensors)
     return _group(quant, "gguf header", text.n_layer, rows, mm)
 
 
@@ -370,12 +379,15 @@ def _ollama_graph(arch: Architecture, n_ctx: int, *, partial: bool, n_batch: int
     )
 
 
-def clip_compute_bytes(arch: Architecture) -> int:
-    """clip.cpp's compute buffer for one image, on the CPU: KQ scores (n_pos² x heads) + FFN activations."""
+def clip_compute_bytes(arch: Architecture, *, flash_attn: bool = True) -> int:
+    """clip.cpp's compute buffer for one image on the CPU. With flash attention (llama.cpp's "auto" on the
+    CPU) the FFN activations dominate: n_pos x (ff + 4 e) floats (measured 8.05 / 17.05 MiB for e = 512 /
+    1024); without, the n_pos² x heads KQ scores."""
     n_pos = arch.n_patches + 1
-    kq = n_pos * n_pos * arch.v_n_head * 4
-    ffn = 2 * n_pos * arch.v_n_ff * 4
-    return max(kq, ffn) + 4 * n_pos * arch.v_n_embd * 4
+    ffn = n_pos * (arch.v_n_ff + 4 * arch.v_n_embd) * 4
+    if flash_attn:
+        return ffn
+    return max(ffn, n_pos * n_pos * arch.v_n_head * 4 + 3 * n_pos * arch.v_n_embd * 4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -428,27 +440,23 @@ def gpu_margin(gpu: GPU, margin: int | None = None) -> int:
     return MARGIN
 
 
-def cpu_peak_bytes(sizes: WeightSizes, arch: Architecture, n_ctx: int, *, flash_attn: bool = False) -> int:
+def cpu_peak_bytes(sizes: WeightSizes, arch: Architecture, n_ctx: int, *, flash_attn: bool = True) -> int:
     """Peak RSS of a process that loads the pair on the CPU and answers one image (calibrated: docs/memory.md).
 
-    The text weights are mmap'd and every page is touched by the first forward pass, so they count in RSS
-    (except the token-embedding rows never looked up); the mmproj is read into a malloc'd buffer."""
-    embd_rows = min(arch.n_vocab, 1024)  # pages of looked-up rows only; a prompt touches few
-    touched_embd = sizes.token_embd * embd_rows // max(arch.n_vocab, 1)
-    logits = arch.n_vocab * 4 * 2
+    llama.cpp maps the text file with MAP_POPULATE, so all of it counts in RSS (file pages), plus an anonymous
+    copy of the repacked Q4_K tensors; the mmproj is read into a malloc'd buffer. ``flash_attn`` defaults to
+    llama.cpp's "auto", which is on for the CPU backend."""
     image_embd = arch.n_patches * arch.n_embd * 4
     return (
         CPU_RUNTIME
-        + sum(sizes.blocks)
-        + sizes.output
-        + sizes.other
-        + touched_embd
+        + sizes.text
+        + sizes.repacked
         + kv_cache_bytes(arch, n_ctx)
         + compute_buffer_bytes(arch, n_ctx, flash_attn=flash_attn)
         + sizes.mmproj
-        + clip_compute_bytes(arch)
-        + image_embd
-        + logits
+        + clip_compute_bytes(arch, flash_attn=flash_attn)
+        + IMAGE_EMBD_COPIES * image_embd
+        + arch.n_vocab * 4  # logits of the last position
     )
 
 
@@ -506,19 +514,24 @@ def estimate(
     *,
     n_ctx: int = DEFAULT_CTX,
     gpus: GPUProbe | None = None,
-    flash_attn: bool = False,
+    flash_attn: bool | None = None,
     margin: int | None = None,
     mmproj_offload: bool = True,
     quality: float | None = None,
     published_size_gb: float | None = None,
     published_bpw: float | None = None,
 ) -> Estimate:
-    """Estimate one quantization and place it on the largest usable GPU, else the CPU."""
+    """Estimate one quantization and place it on the largest usable GPU, else the CPU.
+
+    ``flash_attn=None`` is llama.cpp's "auto": counted as on for the CPU (where auto enables it) and as off for
+    the GPU, the larger compute buffer, since auto depends on the device there."""
+    fa_cpu = True if flash_attn is None else flash_attn
+    fa_gpu = bool(flash_attn)
     if n_ctx < 64:
         raise UsageError(f"--ctx {n_ctx} is too small", hint=f"use at least {IMAGE_TOKENS + 64} for one image")
     kv = kv_cache_bytes(arch, n_ctx)
-    cpu_total = cpu_peak_bytes(sizes, arch, n_ctx, flash_attn=flash_attn)
-    cpu_compute = compute_buffer_bytes(arch, n_ctx, flash_attn=flash_attn)
+    cpu_total = cpu_peak_bytes(sizes, arch, n_ctx, flash_attn=fa_cpu)
+    cpu_compute = compute_buffer_bytes(arch, n_ctx, flash_attn=fa_cpu)
     common: dict[str, Any] = dict(
         quant=sizes.quant,
         source=sizes.source,
@@ -537,9 +550,9 @@ def estimate(
         # LLaVA is not split across GPUs here (v1): plan for the one with the most free memory.
         gpu = max(usable, key=lambda g: g.free)
         placement, ngl, mm_gpu, compute, budget, note = _gpu_fit(
-            sizes, arch, n_ctx, gpu, flash_attn=flash_attn, margin=margin, mmproj_offload=mmproj_offload
+            sizes, arch, n_ctx, gpu, flash_attn=fa_gpu, margin=margin, mmproj_offload=mmproj_offload
         )
-        g_full = max(cpu_compute, _ollama_graph(arch, n_ctx, partial=False))
+        g_full = max(compute_buffer_bytes(arch, n_ctx, flash_attn=fa_gpu), _ollama_graph(arch, n_ctx, partial=False))
         total = sum(sizes.blocks) + sizes.output + sizes.other + kv + g_full + sizes.mmproj + CLIP_COMPUTE_GPU
         if placement != "full":
             # What stays on the CPU must fit in RAM too.
@@ -549,7 +562,7 @@ def estimate(
                 + sizes.token_embd
                 + kv_cache_bytes(arch, n_ctx, n_layers=arch.n_layer - gpu_blocks)
                 + cpu_compute
-                + (0 if mm_gpu else sizes.mmproj + clip_compute_bytes(arch))
+                + (0 if mm_gpu else sizes.mmproj + clip_compute_bytes(arch, flash_attn=fa_cpu))
                 + CPU_RUNTIME
             )
             if cpu_part > gpus.host.available:  # type: ignore[union-attr]
@@ -659,7 +672,7 @@ def build_report(
     n_ctx: int = DEFAULT_CTX,
     gpus: GPUProbe,
     published: Mapping[Quant, Mapping[str, float]] | None = None,
-    flash_attn: bool = False,
+    flash_attn: bool | None = None,
     margin: int | None = None,
     mmproj_offload: bool = True,
 ) -> ModelReport:
@@ -721,7 +734,7 @@ def report_for_files(
     n_ctx: int = DEFAULT_CTX,
     gpus: GPUProbe | None = None,
     published: Mapping[Quant, Mapping[str, float]] | None = None,
-    flash_attn: bool = False,
+    flash_attn: bool | None = None,
     margin: int | None = None,
     mmproj_offload: bool = True,
 ) -> ModelReport:
@@ -770,7 +783,7 @@ def report_for_architecture(
     n_ctx: int = DEFAULT_CTX,
     gpus: GPUProbe | None = None,
     published: Mapping[Quant, Mapping[str, float]] | None = None,
-    flash_attn: bool = False,
+    flash_attn: bool | None = None,
     margin: int | None = None,
     mmproj_offload: bool = True,
     local: Mapping[Quant, tuple[Path, Path | None]] | None = None,
@@ -806,7 +819,7 @@ def plan_offload(
     *,
     n_ctx: int,
     gpus: GPUProbe | None = None,
-    flash_attn: bool = False,
+    flash_attn: bool | None = None,
     mmproj_offload: bool = True,
 ) -> OffloadPlan:
     """How many layers of this GGUF pair to offload, from the real tensor sizes and the free GPU memory.
