@@ -225,7 +225,7 @@ class Answer:
                 "cached": self.cached_tokens,
                 "completion": self.completion_tokens,
             },
-            "images": {"encoded": self.images_encoded, "cached": self.images_cached},
+            "image_encodes": {"encoded": self.images_encoded, "cached": self.images_cached},
             "timings": {k: round(v, 4) if isinstance(v, float) else v for k, v in t.items()},
             "notes": list(self.notes),
         }
@@ -745,7 +745,7 @@ class Conversation:
                 f"the prompt needs {needed} tokens{detail}{so_far} but the context holds {eng.n_ctx}",
                 hint="/clear the chat or raise --ctx"
                 if history
-                else f"raise --ctx (each image takes {eng.n_image_tokens} tokens)",
+                else f"raise --ctx; each image takes {eng.n_image_tokens} tokens",
             )
 
         base = list(self._fed)
