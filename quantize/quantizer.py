@@ -312,8 +312,12 @@ def _run_llama_quantize(
     kv: dict[str, str],
     f16_tensors: list[str],
     on_progress: ProgressFn | None,
+    final: Path | None = None,
 ) -> None:
-    """Run llama_model_quantize(src -> dst) in a child process; raise a one-line error if it fails."""
+    """Run llama_model_quantize(src -> dst) in a child process; raise a one-line error if it fails.
+
+    `final` is the name `dst` will be renamed to, for messages (dst itself is a hidden temporary name).
+    """
     job = {
         "src": str(src),
         "dst": str(dst),
@@ -372,7 +376,7 @@ def _run_llama_quantize(
     if "iostream error" in why or "No space" in why:
         free = shutil.disk_usage(dst.parent).free
         raise OutputError(
-            f"could not write {dst.name} in {dst.parent} (disk full? {free / 2**20:.0f} MiB free)",
+            f"could not write {final or dst}: disk full ({_size(free)} free)",
             hint="free some space or choose another --out",
         )
     raise ModelFileError(f"quantizing {src.name} to {qtype.label} failed: {why}", hint=hint)
@@ -437,10 +441,17 @@ def _check_free_space(out_dir: Path, needed: int, what: str) -> None:
     # A margin for the header rewrite and for anything else writing to the same disk meanwhile.
     if free < needed * 1.02 + 16 * 2**20:
         raise OutputError(
-            f"not enough free space in {out_dir} for {what}: needs about {needed / 2**20:,.0f} MiB, "
-            f"{free / 2**20:,.0f} MiB free",
+            f"not enough free space in {out_dir} for {what}: needs about {_size(needed)}, {_size(free)} free",
             hint="free some space or choose another --out",
         )
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError
 
 
 def _existing_dir(path: Path) -> Path:
@@ -493,6 +504,7 @@ def _quantize_file(
             kv=_header_kv(source_label, qtype),
             f16_tensors=f16_pins,
             on_progress=on_progress,
+            final=final,
         )
 
 
