@@ -258,7 +258,7 @@ def _text_info(
     if tokens is None or reader.fields.get(gguf.Keys.Tokenizer.MODEL) is None:
         raise ModelFileError(f"{path} has no tokenizer (tokenizer.ggml.tokens/model)", hint="convert it again")
     n_vocab = len(tokens.data)
-    n_embd = int(meta[keys[gguf.Keys.LLM.EMBEDDING_LENGTH]])
+    n_embd = int(meta[gguf.Keys.LLM.EMBEDDING_LENGTH.format(arch=arch)])
     emb = next((t for t in tensors if t.name == "token_embd.weight"), None)
     if emb is None:
         raise ModelFileError(f"{path} has no token_embd.weight tensor: not a complete text model")
@@ -267,7 +267,7 @@ def _text_info(
             f"{path}: token_embd.weight is {list(emb.shape)} but the header says {n_embd} x {n_vocab} tokens",
             hint="convert it again",
         )
-    n_head = int(meta[keys[gguf.Keys.Attention.HEAD_COUNT]])
+    n_head = int(meta[gguf.Keys.Attention.HEAD_COUNT.format(arch=arch)])
     if n_head == 0 or n_embd % n_head:
         raise ModelFileError(f"{path}: embedding size {n_embd} is not divisible by {n_head} heads")
     return GGUFInfo(
@@ -277,12 +277,12 @@ def _text_info(
         name=meta.get(gguf.Keys.General.NAME),
         file_type=_file_type_name(meta),
         n_embd=n_embd,
-        n_layer=int(meta[keys[gguf.Keys.LLM.BLOCK_COUNT]]),
+        n_layer=int(meta[gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)]),
         n_head=n_head,
         n_head_kv=int(meta.get(gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), n_head)),
-        n_ctx_train=int(meta[keys[gguf.Keys.LLM.CONTEXT_LENGTH]]),
+        n_ctx_train=int(meta[gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=arch)]),
         n_vocab=n_vocab,
-        n_ff=int(meta[keys[gguf.Keys.LLM.FEED_FORWARD_LENGTH]]),
+        n_ff=int(meta[gguf.Keys.LLM.FEED_FORWARD_LENGTH.format(arch=arch)]),
         file_size=size,
         tensors=tensors,
         metadata=meta,
