@@ -221,7 +221,7 @@ def download_files(
         try:
             if meta is not None:
                 _fetch_blob(file, meta, Path(cache), where, tally)
-            path = huggingface_hub.hf_hub_download(
+            local = huggingface_hub.hf_hub_download(
                 file.repo,
                 file.file,
                 revision=file.revision,
@@ -242,7 +242,7 @@ def download_files(
         # Settle the tally on the file's real size (a cached file reports nothing; a retried range may overlap).
         tally.done = start + ((meta.size or 0) if meta is not None else 0)
         tally.add(0)
-        out.append(Path(path))
+        out.append(Path(local))
     return out
 
 

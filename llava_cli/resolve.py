@@ -264,10 +264,10 @@ def _teammate(func: str) -> Callable[..., Any]:
 
     package = importlib.import_module("quantize")
     if hasattr(package, func):
-        return getattr(package, func)  # type: ignore[no-any-return]
+        return getattr(package, func)
     module = {"convert": "quantize.converter", "quantize": "quantize.quantizer"}[func]
     try:
-        return getattr(importlib.import_module(module), func)  # type: ignore[no-any-return]
+        return getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError) as exc:
         raise LlavaError(
             f"this installation has no {module} (needed to build the model locally): {exc}",

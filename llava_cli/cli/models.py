@@ -13,7 +13,8 @@ from rich.table import Table
 from llava_cli.catalog import Catalog, ModelEntry, load_catalog, normalize_bits
 from llava_cli.cli.options import BitsOpt, JsonOpt, QuietOpt
 from llava_cli.cli.progress import progress_bar
-from llava_cli.resolve import MANIFEST, local_pair, resolve_model
+
+# llava_cli.resolve (and huggingface_hub under it) is imported inside the commands: `llava --help` stays fast.
 
 MODELS_HELP = """List the catalog's models, which quantizations are on disk, and their size.
 
@@ -59,6 +60,8 @@ def _human(n: int) -> str:
 
 def _local_bits(entry: ModelEntry, models_dir: Path) -> list[str]:
     """Every quantization we could find on disk for `entry`: catalog ones plus what the manifest records."""
+    from llava_cli.resolve import MANIFEST
+
     bits = list(dict.fromkeys([*entry.gguf, *entry.quantizations]))
     try:
         manifest = json.loads((models_dir / entry.id / MANIFEST).read_text(encoding="utf-8"))
@@ -71,6 +74,7 @@ def _local_bits(entry: ModelEntry, models_dir: Path) -> list[str]:
 def model_rows(catalog: Catalog) -> list[dict[str, Any]]:
     """One dict per model: what `llava models --json` prints."""
     from llava_cli.paths import models_dir
+    from llava_cli.resolve import local_pair
 
     root = models_dir()
     rows = []
@@ -138,6 +142,8 @@ def models(json_out: JsonOpt = False) -> None:
 
 def pull(model: ModelArg, bits: BitsOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Download (or build) a model now."""
+    from llava_cli.resolve import resolve_model
+
     # Bad arguments fail before a progress bar is drawn.
     if bits is not None:
         normalize_bits(bits)
