@@ -105,6 +105,7 @@ class QualityRow:
     mean_kl: float  # mean KL(F16 || quant) of the next-token distribution, nats
     top1_agreement: float  # fraction of positions where the argmax token agrees with F16
     positions: int
+    reference_entropy: float = 0.0  # mean entropy of the F16 distributions (nats): how peaked the model is
 
 
 @dataclass(frozen=True)
@@ -910,6 +911,9 @@ def measure_quality(
     finally:
         scorer.close()
 
+    entropy = sum(float(-(np.exp(lp) * lp).sum()) for lp in (_log_softmax(r) for _, r in reference))
+    entropy /= max(1, sum(len(t) for t, _ in reference))
+
     def row_for(bits: str, mbits: str, text: Path, mmproj: Path, logits: list[Any]) -> QualityRow:
         kls, agree, n = 0.0, 0, 0
         for (tokens, ref), got in zip(reference, logits, strict=True):
@@ -927,6 +931,7 @@ def measure_quality(
             mean_kl=kls / max(1, n),
             top1_agreement=agree / max(1, n),
             positions=n,
+            reference_entropy=entropy,
         )
 
     mm_info = read_gguf(f16_mmproj)
