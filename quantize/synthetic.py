@@ -84,11 +84,11 @@ PRESETS: dict[str, SyntheticSpec] = {
         vision_num_attention_heads=4,
         vision_num_hidden_layers=2,
     ),
-    # Bench: CLIP ViT-L/14-336 vision tower and a 2048-wide text model, about 1.04 B parameters (2.1 GB in F16).
+    # Bench: CLIP ViT-L/14-336 vision tower and a 2048-wide text model, about 1.1 B parameters (2.2 GB in F16).
     "bench": SyntheticSpec(
         hidden_size=2048,
         intermediate_size=5504,
-        num_hidden_layers=12,
+        num_hidden_layers=15,
         num_attention_heads=16,
         num_key_value_heads=16,
         vocab_pieces=512,
