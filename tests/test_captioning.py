@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -355,3 +356,32 @@ def test_progress_and_records_callbacks(tmp_path: Path) -> None:
         on_record=recs.append,
     )
     assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)] and [r.tokens for r in recs] == [3, 3, 3]
+
+
+def test_images_are_decoded_ahead_in_a_background_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_images(tmp_path / "pics", 6)
+    decoded: list[tuple[str, str]] = []
+    real_load = cap.load_image
+
+    def spy(path, **kw):
+        decoded.append((Path(path).name, threading.current_thread().name))
+        return real_load(path, **kw)
+
+    monkeypatch.setattr(cap, "load_image", spy)
+    ahead_when_first_called: list[int] = []
+
+    def on_call(n: int) -> None:
+        if n == 1:
+            deadline = time.monotonic() + 5
+            while len(decoded) < 4 and time.monotonic() < deadline:  # the prefetcher keeps going meanwhile
+                time.sleep(0.005)
+            ahead_when_first_called.append(len(decoded))
+
+    summary = cap.caption_batch(
+        [tmp_path / "pics"], captioner=ColourCaptioner(on_call), out=tmp_path / "o.jsonl", prefetch=3
+    )
+    assert summary.done == 6
+    assert {thread for _, thread in decoded} == {"llava-caption-prefetch"}
+    # While image 1 was being captioned, images 2.. were decoded (up to the prefetch depth + the one in hand).
+    assert ahead_when_first_called[0] >= 4
+    assert [name for name, _ in decoded] == [f"img{i}.png" for i in range(6)]
