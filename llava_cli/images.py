@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 import sys
 import warnings
@@ -52,7 +53,7 @@ class LoadedImage:
         return self.image.tobytes()
 
 
-def _read_source(source: str | Path | bytes) -> tuple[bytes, str]:
+def _read_source(source: str | os.PathLike[str] | bytes) -> tuple[bytes, str]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source), "<bytes>"
     if str(source) == STDIN:
@@ -105,7 +106,7 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
         with warnings.catch_warnings():
             # Pillow only warns between its own limit and twice that; we decide with our own limit below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageError(
@@ -114,7 +115,7 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
                     hint="downscale it first; the model sees 336×336 anyway",
                 )
             if getattr(img, "is_animated", False) and getattr(img, "n_frames", 1) > 1:
-                notes.append(f"{name} is animated ({img.n_frames} frames): using the first frame")
+                notes.append(f"{name} is animated ({getattr(img, 'n_frames', '?')} frames): using the first frame")
                 img.seek(0)
             img.load()
             img = ImageOps.exif_transpose(img) or img
@@ -141,7 +142,7 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
     return _to_rgb(img, notes), notes
 
 
-def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+def load_image(source: str | os.PathLike[str] | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
     """Read an image from a path, ``"-"`` (stdin) or bytes; return it upright, RGB, validated, with its SHA-256.
 
     The hash is of the source bytes, so the same file always maps to the same cached encoding.
