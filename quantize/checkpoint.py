@@ -78,7 +78,11 @@ _LLAVA_DEFAULTS: dict[str, Any] = {
     "multimodal_projector_bias": True,
 }
 
-_ST_DTYPES = {"F32": (np.dtype("<f4"), 4), "F16": (np.dtype("<f2"), 2), "BF16": (np.dtype("<u2"), 2)}
+_ST_DTYPES: dict[str, tuple[np.dtype, int]] = {
+    "F32": (np.dtype("<f4"), 4),
+    "F16": (np.dtype("<f2"), 2),
+    "BF16": (np.dtype("<u2"), 2),
+}
 
 
 @dataclass(frozen=True)
