@@ -239,3 +239,29 @@ def test_bad_inputs_fail_with_one_line(tiny_checkpoint: Path, tmp_path: Path, ca
         assert err.startswith("error:") and fragment in err, (case, err)
         out_dir = tmp_path / "out" / case.replace(" ", "_")
         assert not out_dir.exists() or not any(out_dir.iterdir()), case
+
+
+def test_tied_checkpoint_has_no_output_tensor(tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path / "tied", tie_word_embeddings=True)
+    tensors = _tensors(convert(ckpt, tmp_path / "out").text_path)
+    assert "token_embd.weight" in tensors and "output.weight" not in tensors  # llama.cpp reuses token_embd
+
+
+@pytest.mark.parametrize(
+    ("adder", "value"),
+    [
+        ("add_uint32", np.int64(3)),  # numpy scalar: gguf would write it, llama.cpp would assert
+        ("add_uint32", -1),
+        ("add_uint32", True),
+        ("add_float32", 1),  # an int where a float is declared
+        ("add_bool", 1),
+    ],
+)
+def test_kv_type_check_refuses_bad_values(adder: str, value: object) -> None:
+    from llava_cli.errors import ModelFileError
+    from quantize.converter import check_kv_types
+
+    writer = gguf.GGUFWriter(None, "llama")
+    getattr(writer, adder)("llama.some_key", value)
+    with pytest.raises(ModelFileError, match="llama.some_key"):
+        check_kv_types(writer)

@@ -33,6 +33,7 @@ VARIANTS = {
     "layout-state_dict": {"layout": "state_dict"},
     "bf16": {"dtype": "bf16"},
     "sharded-f16": {"dtype": "f16", "shards": 4},
+    "tied-embeddings": {"tie_word_embeddings": True},
 }
 
 
