@@ -114,7 +114,7 @@ def test_not_a_gguf_and_directory(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["vram-check", "--model", str(fake)]) == 1
     assert "not a GGUF file" in capsys.readouterr().err
     assert main(["vram-check", "--model", str(tmp_path)]) == 2
-    assert "is a directory" in capsys.readouterr().err
+    assert "is a directory without config.json" in capsys.readouterr().err
 
 
 def test_ctx_below_minimum_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -177,6 +177,17 @@ def test_q4_k_m_type_choice_matches_llama_cpp(tiny256_checkpoint: Path, tmp_path
         assert derived.blocks == real.blocks, bits
         assert (derived.output, derived.token_embd) == (real.output, real.token_embd), bits
         assert real.text == _summed(q.text_path)
+
+
+def test_checkpoint_dir_uses_its_config(
+    tiny_checkpoint: Path, tiny_pair_f16, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint dir is estimated from config.json: its F16 row equals the converted file's header."""
+    data = run_json(capsys, "--model", str(tiny_checkpoint), "--gpu-memory", "8GB")
+    rows = {e["quant"]: e for e in data["estimates"]}
+    assert rows["F16"]["source"] == "architecture"
+    assert rows["F16"]["weights"] == _summed(tiny_pair_f16.text_path)
+    assert data["architecture"]["n_layer"] == 2
 
 
 def test_plan_offload_on_real_files(tiny_pair_f16) -> None:

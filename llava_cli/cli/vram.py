@@ -65,7 +65,8 @@ def check(
     mmproj_offload: bool = True,
     gpus: GPUProbe | None = None,
 ) -> memory.ModelReport:
-    """The core of `llava vram-check`: same arguments as the flags. ``model`` is a catalog id or a .gguf path."""
+    """The core of `llava vram-check`: same arguments as the flags. ``model`` is a catalog id, a .gguf path
+    (with ``mmproj``) or a llava-hf checkpoint directory (sizes from its config.json)."""
     gpus = gpus if gpus is not None else probe(gpu_memory=gpu_memory)
     from llava_cli.catalog import load_catalog
 
@@ -81,13 +82,40 @@ def check(
     if not path.exists():
         raise InputNotFoundError(f"model file not found: {path}", hint="give a .gguf path or a catalog id")
     if path.is_dir():
-        raise UsageError(
-            f"{path} is a directory: vram-check reads GGUF files",
-            hint="give the text .gguf with --model and its mmproj with --mmproj, or a catalog id",
+        if not (path / "config.json").is_file():
+            raise UsageError(
+                f"{path} is a directory without config.json: neither a checkpoint nor a GGUF file",
+                hint="give a llava-hf checkpoint dir, the text .gguf with --mmproj, or a catalog id",
+            )
+        from quantize.checkpoint import read_config
+
+        cfg, _ = read_config(path)
+        return memory.report_for_architecture(
+            path.name, _checkpoint_architecture(cfg), n_ctx=ctx, gpus=gpus, mmproj_offload=mmproj_offload
         )
     if mmproj is not None and not Path(mmproj).exists():
         raise InputNotFoundError(f"mmproj file not found: {mmproj}", hint="check the --mmproj path")
     return memory.report_for_files(path, mmproj, n_ctx=ctx, gpus=gpus, mmproj_offload=mmproj_offload)
+
+
+def _checkpoint_architecture(cfg: Any) -> memory.Architecture:
+    """Architecture figures of a llava-hf checkpoint (quantize.checkpoint.LlavaConfig)."""
+    t, v = cfg.text, cfg.vision
+    return memory.Architecture(
+        n_layer=t.num_hidden_layers,
+        n_embd=t.hidden_size,
+        n_head=t.num_attention_heads,
+        n_head_kv=t.num_key_value_heads,
+        n_ff=t.intermediate_size,
+        n_vocab=t.vocab_size,
+        n_ctx_train=t.max_position_embeddings,
+        v_n_layer=cfg.feature_depth,
+        v_n_embd=v.hidden_size,
+        v_n_ff=v.intermediate_size,
+        v_n_head=v.num_attention_heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+    )
 
 
 def _check_catalog(
