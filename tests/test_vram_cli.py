@@ -213,3 +213,11 @@ def test_swapped_pair_is_refused(tiny_pair_f16) -> None:
 
     with pytest.raises(ModelFileError, match="vision projector"):
         memory.plan_offload(tiny_pair_f16.mmproj_path, tiny_pair_f16.text_path, n_ctx=2048)
+
+
+def test_missing_mmproj_and_swapped_files(tiny_pair_f16, capsys: pytest.CaptureFixture[str]) -> None:
+    text, mm = str(tiny_pair_f16.text_path), str(tiny_pair_f16.mmproj_path)
+    assert main(["vram-check", "--model", text, "--mmproj", "nope.gguf"]) == 1
+    assert "mmproj file not found: nope.gguf" in capsys.readouterr().err
+    assert main(["vram-check", "--model", mm, "--mmproj", text]) == 1
+    assert "vision projector (mmproj), not a text model" in capsys.readouterr().err

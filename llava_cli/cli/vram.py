@@ -201,11 +201,11 @@ def render(report: memory.ModelReport, console: Console) -> None:
             _gb(e.compute),
             _gb(e.total),
             _fits(e),
-            f"{e.quality:g}%" if e.quality is not None else "",
+            f"{e.quality:g}%" if e.quality is not None else f"~{memory.DEFAULT_QUALITY.get(e.quant, 0):g}%",
         )
     table.caption = (
         "GB = 10^9 bytes; (pub.) = the published table; * = sizes read from the GGUF header, "
-        "others computed from the architecture with llama.cpp's quantization mix"
+        "others computed from the architecture with llama.cpp's quantization mix; ~ = nominal quality"
     )
     console.print(table)
     if on_gpu:
