@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -27,7 +28,7 @@ from quantize.synthetic import make_checkpoint  # noqa: E402
 
 # A text model as wide as a small real one (rows multiples of 256: no K-quant fallbacks), a small vision tower
 # so that the cost goes into the part being quantized.
-PRESETS = {
+PRESETS: dict[str, dict[str, Any]] = {
     "tiny256": {"preset": "tiny256"},
     "mid": {
         "preset": "tiny256",
@@ -41,21 +42,50 @@ PRESETS = {
 }
 
 
+def scale_residual_branches(ckpt: Path, gain: float) -> None:
+    """Multiply the text model's attention-output and FFN-down weights by `gain`, in place.
+
+    Trained transformers are close to "identity + small updates": each block adds a small change to the residual
+    stream. A random-weight model with unit-gain branches rewrites the stream in every block, so rounding noise
+    compounds through the depth much faster than in a real model. Scaling the branches that write to the residual
+    stream gives the synthetic model that structure.
+    """
+    from safetensors.numpy import load_file, save_file
+
+    for f in sorted(ckpt.glob("*.safetensors")):
+        tensors = load_file(f)
+        for name, value in tensors.items():
+            if "language_model" in name and name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+                tensors[name] = (value * gain).astype(value.dtype)
+        save_file(tensors, f, metadata={"format": "pt"})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=PRESETS, default="mid")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--answer", type=int, default=16, help="answer tokens scored per input")
+    ap.add_argument(
+        "--residual-gain",
+        type=float,
+        default=1.0,
+        help="scale the text model's o_proj/down_proj weights (e.g. 0.25: closer to a trained model)",
+    )
     ap.add_argument("--work", type=Path, default=None, help="keep the files here (default: a temporary dir)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         t0 = time.perf_counter()
-        ckpt = make_checkpoint(work / f"synthetic-{args.preset}", seed=args.seed, dtype="f16", **PRESETS[args.preset])
+        ckpt = make_checkpoint(work / f"synthetic-{args.preset}", seed=args.seed, dtype="f32", **PRESETS[args.preset])
+        if args.residual_gain != 1.0:
+            scale_residual_branches(ckpt, args.residual_gain)
         f16 = convert(ckpt, work / "f16", outtype="f16")
         built = time.perf_counter() - t0
-        print(f"model: synthetic {args.preset} (seed {args.seed}), F16 pair built in {built:.1f} s\n")
+        print(
+            f"model: synthetic {args.preset} (seed {args.seed}, residual gain {args.residual_gain}), "
+            f"F16 pair built in {built:.1f} s\n"
+        )
 
         timings = []
         candidates = {}
