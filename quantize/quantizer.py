@@ -161,6 +161,10 @@ def parse_bits(value: str, choices: dict[str, QuantType] = TEXT_TYPES, flag: str
 # ------------------------------------------------------------------------------------ llama.cpp's type choice
 
 
+def _qtype(name: str) -> gguf.GGMLQuantizationType:
+    return gguf.GGMLQuantizationType[name]
+
+
 def _layer_of(name: str) -> int:
     m = re.match(r"blk\.(\d+)\.", name)
     return int(m.group(1)) if m else -1
@@ -207,7 +211,7 @@ def predict_types(info: GGUFInfo, qtype: QuantType) -> dict[str, gguf.GGMLQuanti
     i_attn_v = i_ffn_down = 0
     out: dict[str, gguf.GGMLQuantizationType] = {}
     for t in tensors:
-        current = _QT[t.type_name]
+        current = _qtype(t.type_name)
         if not _allows_quantization(t.name, t.shape):
             out[t.name] = current
             continue
@@ -339,7 +343,7 @@ def _run_llama_quantize(
     try:
         assert proc.stdout is not None
         buf = b""
-        while chunk := proc.stdout.read1(65536):
+        while chunk := os.read(proc.stdout.fileno(), 65536):
             buf += chunk
             *lines, buf = buf.split(b"\n")
             for line in lines:
@@ -361,7 +365,10 @@ def _run_llama_quantize(
     log = b"\n".join(tail)
     failed = _LOG_FAILED.search(log)
     if rc < 0:
-        sig = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
+        try:
+            sig = signal.Signals(-rc).name
+        except ValueError:
+            sig = f"signal {-rc}"
         why = f"llama.cpp crashed ({sig})"
         hint = (
             "an illegal instruction means llama-cpp-python was built for another CPU: reinstall it with "
@@ -725,7 +732,7 @@ def _quantize_pair(
 def _mmproj_is_already(info: GGUFInfo, mtype: QuantType) -> bool:
     """True when the mmproj's matmul weights are already in the requested type (then we copy it)."""
     types = predict_types(info, mtype)
-    return all(_QT[t.type_name] == types[t.name] for t in info.tensors)
+    return all(_qtype(t.type_name) == types[t.name] for t in info.tensors)
 
 
 # ------------------------------------------------------------------------------------------ measured quality
