@@ -88,7 +88,7 @@ MMPROJ_TYPES: dict[str, QuantType] = {k: TEXT_TYPES[k] for k in ("f16", "q8_0")}
 # Source tensor types llama.cpp quantizes from without `allow_requantize` (which would compound the error).
 _FLOAT_TYPES = {"F32", "F16", "BF16"}
 _GGUF_ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT: every tensor's data is padded to this
-_SOURCE_SUFFIX = re.compile(r"\.(f32|f16|bf16|q\d\w*)$", re.IGNORECASE)
+_SOURCE_SUFFIX = re.compile(r"[.\-_](f32|f16|bf16|q\d\w*)$", re.IGNORECASE)  # x.f16, ggml-model-f16
 _LOG_TENSOR = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]")
 _LOG_FAILED = re.compile(rb"failed to quantize: ([^\n]*)")
 
@@ -426,7 +426,7 @@ def find_mmproj(text: GGUFInfo) -> GGUFInfo:
 
     def rank(p: Path) -> tuple[int, int, str]:
         same = _model_name(Path(p.name.removeprefix("mmproj-"))) == name
-        is_float = bool(re.search(r"\.(f32|f16|bf16)\.gguf$", p.name, re.IGNORECASE))
+        is_float = bool(re.search(r"[.\-_](f32|f16|bf16)\.gguf$", p.name, re.IGNORECASE))
         return (0 if same else 1, 0 if is_float else 1, p.name)
 
     errors: list[str] = []
@@ -594,7 +594,7 @@ def quantize(
     F16/F32/BF16 text GGUF with its ``mmproj-*.gguf`` beside it, or a catalog id whose checkpoint is in the local
     hub cache. `out` defaults to the source GGUF's directory (the models directory for a checkpoint).
     ``on_stage(description, unit)`` announces each step; ``on_progress(done, total)`` then counts its tensors
-    (bytes while copying). ``report=True`` also measures quality against F16 (`measure_quality`).
+    (bytes while converting or copying). ``report=True`` also measures quality against F16 (`measure_quality`).
     """
     qtype = parse_bits(bits)
     mtype = parse_bits(mmproj_bits, MMPROJ_TYPES, "--mmproj-bits")
@@ -651,7 +651,7 @@ def _quantize_checkpoint(
     # The intermediate lives under `out` (same disk we checked) in a hidden directory removed on any exit.
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".llava-quantize-") as tmp:
         if on_stage:
-            on_stage(f"converting {ckpt.name} to F16", "tensors")
+            on_stage(f"converting {ckpt.name} to F16", "bytes")  # the converter counts bytes written
         converted = convert(ckpt, tmp, outtype="f16", name=name, on_progress=on_progress)
         text = read_gguf(converted.text_path, expect="text")
         mmproj = read_gguf(converted.mmproj_path, expect="mmproj")
