@@ -27,6 +27,7 @@ import string
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -628,6 +629,10 @@ class Prefetcher:
         return False
 
     def _work(self) -> None:
+        # Decode in the cycles llama.cpp leaves idle: when its threads take every core, a decoder competing at equal
+        # priority stalls them all at their next barrier. (Linux: a thread's nice value is its own.)
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         for path in self._paths:
             if self._stop.is_set() or not self._put(self._prepare(path)):
                 return
@@ -932,7 +937,13 @@ def _caption_one(
 
 class EngineCaptioner:
     """A `Captioner` over a loaded `Engine`: each image is a fresh one-turn conversation; the engine (model,
-    vision encoder, image-embedding cache keyed by the image bytes' SHA-256) stays loaded for the whole batch."""
+    vision encoder, image-embedding cache keyed by the image bytes' SHA-256) stays loaded for the whole batch.
+
+    When decoding is deterministic (greedy, or a fixed seed), an image whose bytes and prompt were already captioned
+    gets the same caption again without running the model: duplicates in a dataset cost nothing.
+    """
+
+    MEMO_ENTRIES = 100_000  # (sha256, prompt) -> caption; ~30 MB at most
 
     def __init__(
         self,
@@ -951,10 +962,23 @@ class EngineCaptioner:
         self.quantization = quantization
         self.options = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
         self.system = system
+        self.deterministic = temperature == 0 or seed is not None
+        self._memo: OrderedDict[tuple[str, str], tuple[str, int]] = OrderedDict()
+        self.memo_hits = 0
 
     def caption(self, image: LoadedImage, prompt: str) -> tuple[str, int]:
+        key = (image.sha256, prompt)
+        if self.deterministic and key in self._memo:
+            self._memo.move_to_end(key)
+            self.memo_hits += 1
+            return self._memo[key]
         answer = self.engine.ask(prompt, [image], system=self.system, **self.options)
-        return answer.text, answer.completion_tokens
+        result = (answer.text, answer.completion_tokens)
+        if self.deterministic:
+            self._memo[key] = result
+            if len(self._memo) > self.MEMO_ENTRIES:
+                self._memo.popitem(last=False)
+        return result
 
 
 def caption(

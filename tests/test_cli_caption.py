@@ -89,12 +89,21 @@ def test_identical_images_are_encoded_once_and_model_loaded_once(tiny_pair_f16, 
     for i in range(3):
         (tmp_path / "pics" / f"dup{i}.png").write_bytes(imgs[0].read_bytes())
     with Engine(tiny_pair_f16.text_path, tiny_pair_f16.mmproj_path, n_ctx=1024, n_threads=1) as engine:
-        captioner = cap.EngineCaptioner(engine, model_name="tiny", quantization="f16", max_tokens=3)
-        summary = cap.caption_batch([tmp_path / "pics"], captioner=captioner, out=tmp_path / "o.jsonl")
-        assert summary.done == 6
+        # Sampling (no seed): every image is asked, but the duplicates' embeddings come from the engine's cache.
+        sampled = cap.EngineCaptioner(engine, model_name="tiny", quantization="f16", max_tokens=3, temperature=0.8)
+        summary = cap.caption_batch([tmp_path / "pics"], captioner=sampled, out=tmp_path / "s.jsonl")
+        assert summary.done == 6 and sampled.memo_hits == 0
         assert engine.stats.images_encoded == 3 and engine.stats.image_cache_hits == 3
-    by_name = {Path(r["path"]).name: r["caption"] for r in records(tmp_path / "o.jsonl")}
-    assert by_name["dup0.png"] == by_name["img000.png"]  # greedy: same bytes, same prompt, same caption
+
+        # Greedy: a duplicate (same bytes, same prompt) gets the same caption without running the model.
+        engine.clear_image_cache()
+        greedy = cap.EngineCaptioner(engine, model_name="tiny", quantization="f16", max_tokens=3)
+        summary = cap.caption_batch([tmp_path / "pics"], captioner=greedy, out=tmp_path / "g.jsonl")
+        assert summary.done == 6 and greedy.memo_hits == 3
+        assert engine.stats.images_encoded == 3 + 3 and engine.stats.image_cache_hits == 3
+    by_name = {Path(r["path"]).name: r for r in records(tmp_path / "g.jsonl")}
+    assert by_name["dup2.png"]["caption"] == by_name["img000.png"]["caption"]
+    assert by_name["dup2.png"]["tokens"] == by_name["img000.png"]["tokens"]
 
 
 def test_csv_sidecar_prompt_file_and_templating(tiny_pair_f16, tmp_path: Path) -> None:
