@@ -135,8 +135,34 @@ def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+# Never sniffed in folders and globs: the captions and metadata that live next to images (saves ~0.1 ms a file).
+_NOT_IMAGES = frozenset(
+    [
+        ".txt",
+        ".caption",
+        ".json",
+        ".jsonl",
+        ".csv",
+        ".tsv",
+        ".md",
+        ".yaml",
+        ".yml",
+        ".toml",
+        ".xml",
+        ".html",
+        ".py",
+        ".sh",
+        ".lock",
+        ".partial",
+        ".log",
+    ]
+)
+
+
 def _looks_like_image(path: Path) -> bool:
-    return _is_image_name(path) or _sniff_image(path)
+    if _is_image_name(path):
+        return True
+    return path.suffix.lower() not in _NOT_IMAGES and _sniff_image(path)
 
 
 def _is_text_file(path: Path) -> bool:
@@ -171,6 +197,11 @@ def _walk(root: Path, recursive: bool) -> Iterator[Path]:
 
 def _norm(path: str | Path) -> str:
     return os.path.normpath(os.path.expanduser(str(path)))
+
+
+def _key(path: str) -> str:
+    """What resume matches on: ``photos/a.jpg``, ``./photos/a.jpg`` and its absolute path are one image."""
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def read_path_list(list_file: Path) -> list[str]:
@@ -805,14 +836,14 @@ def caption_batch(
                 summary.repaired = state.repaired
                 if state.repaired:
                     notice(f"repaired {log_path}: cut off a torn last record from an interrupted run")
-                done = {_norm(p) for p in state.done}
-                retry = {_norm(r.path) for r in state.records if not r.ok} & set(paths)
+                done = {_key(p) for p in state.done}
+                retry = {_key(r.path) for r in state.records if not r.ok} & {_key(p) for p in paths}
                 if retry:
                     # One record per image: drop the old failure records of images this run tries again.
-                    rewrite_log(log_path, log_fmt, [r for r in state.records if _norm(r.path) not in retry])
+                    rewrite_log(log_path, log_fmt, [r for r in state.records if _key(r.path) not in retry])
         elif not overwrite:
-            done = {p for p in paths if sidecar_path(p).exists()}
-        todo = [p for p in paths if p not in done]
+            done = {_key(p) for p in paths if sidecar_path(p).exists()}
+        todo = [p for p in paths if _key(p) not in done]
         summary.skipped = len(paths) - len(todo)
         if not todo:
             summary.seconds = time.monotonic() - started

@@ -172,6 +172,9 @@ def test_jsonl_records_have_all_columns_and_resume_skips(tmp_path: Path) -> None
     # Nothing left to do: the model is not even loaded.
     s3 = cap.caption_batch([tmp_path / "pics"], captioner=factory, out=out)
     assert (s3.done, s3.skipped, len(loads)) == (0, 7, 1)
+    # Spelled differently (absolute path): still the same images, still done.
+    s3b = cap.caption_batch([str((tmp_path / "pics").resolve()) + "/"], captioner=factory, out=out)
+    assert (s3b.done, s3b.skipped, len(loads)) == (0, 7, 1)
     # --overwrite redoes everything into a fresh file.
     s4 = cap.caption_batch([tmp_path / "pics"], captioner=ColourCaptioner(), out=out, overwrite=True)
     assert (s4.done, s4.skipped) == (7, 0) and len(read_jsonl(out)) == 7
