@@ -171,6 +171,8 @@ def render(report: memory.ModelReport, console: Console) -> None:
             console.print(
                 f"GPU {g.index}: {g.name}, {_gib(g.free)} GiB free of {_gib(g.total)} GiB [dim]({g.source})[/]"
             )
+        for note in p.notes:
+            console.print(f"[dim]note: {note}[/]")
     else:
         console.print("No GPU found" + (f" [dim]({'; '.join(p.notes)})[/]" if p.notes else ""))
     if p.gpus and not p.offload_supported:
