@@ -243,11 +243,11 @@ def probe(*, gpu_memory: str | int | None = None, offload_supported: bool | None
             raise UsageError(f"--gpu-memory: {gpu_memory!r} is not a positive size", hint="e.g. 12GB")
         card = GPU(0, f"planned {size / GiB:g} GiB card", size, size, "--gpu-memory")
         supported = True if offload_supported is None else offload_supported
-        notes = ()
+        planned_notes: tuple[str, ...] = ()
         if offload_supported is None and not gpu_offload_supported():
             # Planning for a card is fine, but running on it would need a GPU build: say so now.
-            notes = ("the installed llama-cpp-python cannot use a GPU; " + GPU_REINSTALL_HINT,)
-        return GPUProbe((card,), "--gpu-memory", supported, host, notes)
+            planned_notes = ("the installed llama-cpp-python cannot use a GPU; " + GPU_REINSTALL_HINT,)
+        return GPUProbe((card,), "--gpu-memory", supported, host, planned_notes)
 
     notes: list[str] = []
     gpus, why = probe_nvml()
