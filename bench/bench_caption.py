@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -148,6 +150,42 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": pythonpath}
 
 
+def _child_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def in_child(method: str, args: argparse.Namespace, work: Path, text: Path, mmproj: Path) -> dict:
+    """Run (a) or (b) in a fresh Python process, so neither inherits the other's allocations, threads or caches."""
+    cmd = [sys.executable, __file__, "--child", method, "--work", str(work), "--max-tokens", str(args.max_tokens)]
+    cmd += ["--threads", str(args.threads), "--text", str(text), "--mmproj", str(mmproj)]
+    cpu0 = _child_cpu()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, check=True, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_wall"] = time.perf_counter() - t0
+    result["cpu"] = _child_cpu() - cpu0
+    return result
+
+
+def timed(fn, *a) -> dict:  # type: ignore[no-untyped-def]
+    cpu0 = _child_cpu()
+    result = fn(*a)
+    result["cpu"] = _child_cpu() - cpu0
+    result["process_wall"] = result["wall"]
+    return result
+
+
+def child_main(args: argparse.Namespace) -> None:
+    work, text, mmproj = Path(args.work), Path(args.text), Path(args.mmproj)
+    photos = sorted((work / "photos").glob("*.jpg"))
+    if args.child == "a":
+        r = run_ours(work / "photos", text, mmproj, work / "a.jsonl", args.max_tokens, args.threads)
+    else:
+        r = run_handler(photos, text, mmproj, args.max_tokens, args.threads)
+    print(json.dumps(r))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny256", help="quantize.synthetic preset (tiny, tiny256, bench)")
@@ -157,8 +195,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--per-process-images", type=int, default=6, help="images for (c), which is slow")
     ap.add_argument("--size", default="1024x768", help="photo size WxH")
-    ap.add_argument("--repeat", type=int, default=1, help="run (a) and (b) this many times, keep the fastest")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of (a) and (b), interleaved; the median is shown")
+    ap.add_argument("--child", choices=["a", "b"], help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--text", help=argparse.SUPPRESS)
+    ap.add_argument("--mmproj", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        child_main(args)
+        return
     w, h = (int(v) for v in args.size.lower().split("x"))
 
     with tempfile.TemporaryDirectory(prefix="bench-caption-") as tmp:
@@ -170,50 +215,48 @@ def main() -> None:
             f"model: synthetic {args.preset} f16 ({text.stat().st_size / 1e6:.1f} MB text + "
             f"{mmproj.stat().st_size / 1e6:.1f} MB mmproj); {len(photos)} JPEG {w}x{h} images "
             f"({args.duplicates:.0%} duplicates); max_tokens {args.max_tokens}, greedy, {args.threads} threads; "
-            f"{os.cpu_count()} CPUs"
+            f"{os.cpu_count()} CPUs; os.getloadavg() at start {os.getloadavg()[0]:.1f}"
         )
         folder = photos[0].parent
         runs = {
-            "(a) llava caption, in-process": lambda: run_ours(
-                folder, text, mmproj, work / "a.jsonl", args.max_tokens, args.threads
+            "(a) llava caption (CLI process)": lambda: timed(
+                run_ours_cli, folder, text, mmproj, work / "a2.jsonl", args.max_tokens, args.threads
             ),
-            "(a) llava caption, CLI subprocess": lambda: run_ours_cli(
-                folder, text, mmproj, work / "a2.jsonl", args.max_tokens, args.threads
-            ),
-            "(b) Llava15ChatHandler loop": lambda: run_handler(photos, text, mmproj, args.max_tokens, args.threads),
+            "(a) captioning.caption() (fresh process)": lambda: in_child("a", args, work, text, mmproj),
+            "(b) Llava15ChatHandler loop (fresh process)": lambda: in_child("b", args, work, text, mmproj),
         }
-        # Warm the page cache and llama.cpp's one-time init so no method pays for it alone.
-        run_handler(photos[:1], text, mmproj, 2, args.threads)
-        best: dict[str, dict] = {}
+        in_child("b", args, work, text, mmproj)  # warm-up: page cache, CPU backend init
+        results: dict[str, list[dict]] = {name: [] for name in runs}
         for _ in range(max(1, args.repeat)):  # interleaved, so load from other processes hits all alike
             for name, fn in runs.items():
-                r = fn()
-                if name not in best or r["wall"] < best[name]["wall"]:
-                    best[name] = r
-        rows = list(best.items())
+                results[name].append(fn())
+        rows = [(name, sorted(rs, key=lambda r: r["process_wall"])[len(rs) // 2]) for name, rs in results.items()]
         sub = photos[: args.per_process_images]
         rows.append(
             (
-                f"(c) process per image ({len(sub)} imgs)",
-                run_process_per_image(sub, text, mmproj, args.max_tokens, args.threads),
+                f"(c) process per image ({len(sub)} images)",
+                timed(run_process_per_image, sub, text, mmproj, args.max_tokens, args.threads),
             )
         )
 
-        anchor = rows[2][1]["n"] * 60 / rows[2][1]["wall"]
+        anchor = rows[2][1]["n"] * 60 / rows[2][1]["process_wall"]
         print()
-        header = ("method", "images", "wall s", "img/min", "loop img/min", "tok/img", "vs (b)")
+        header = ("method", "images", "wall s", "img/min", "loop img/min", "CPU s/img", "tok/img", "vs (b)")
         print(
-            f"{header[0]:42} {header[1]:>6} {header[2]:>8} {header[3]:>9} {header[4]:>13} {header[5]:>8} {header[6]:>7}"
+            f"{header[0]:44} {header[1]:>6} {header[2]:>7} {header[3]:>8} {header[4]:>12} {header[5]:>9} "
+            f"{header[6]:>7} {header[7]:>7}"
         )
         for name, r in rows:
-            ipm = r["n"] * 60 / r["wall"]
+            ipm = r["n"] * 60 / r["process_wall"]
             loop = f"{r['n'] * 60 / r['loop']:.1f}" if r["loop"] else "-"
             tpi = f"{r['tokens'] / r['n']:.1f}" if r["tokens"] is not None else "-"
-            print(f"{name:42} {r['n']:>6} {r['wall']:>8.2f} {ipm:>9.1f} {loop:>13} {tpi:>8} {ipm / anchor:>6.2f}x")
-        print("\nimg/min = images / wall time including model load (and process start-up for the CLI rows);")
-        print(
-            "loop img/min = after the model is loaded. tok/img = generated tokens per image (greedy, random weights)."
-        )
+            print(
+                f"{name:44} {r['n']:>6} {r['process_wall']:>7.2f} {ipm:>8.1f} {loop:>12} {r['cpu'] / r['n']:>9.2f} "
+                f"{tpi:>7} {ipm / anchor:>6.2f}x"
+            )
+        print(f"\nmedian of {args.repeat} interleaved runs for (a) and (b); one run for (c).")
+        print("wall / img/min: the whole process, start-up and model load included. loop img/min: after the model")
+        print("is loaded. CPU s/img: user+sys CPU time of the process per image. tok/img: generated tokens per image.")
 
 
 if __name__ == "__main__":
