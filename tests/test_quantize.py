@@ -12,6 +12,7 @@ import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -54,7 +55,7 @@ def quantized256(pair256: ConvertResult, tmp_path_factory: pytest.TempPathFactor
     return {bits: quantize(pair256.text_path, bits=bits, out=out) for bits in ALL_BITS}
 
 
-def _answer(text_path: Path, mmproj_path: Path) -> dict:
+def _answer(text_path: Path, mmproj_path: Path) -> Any:
     """llama-cpp-python's own LLaVA-1.5 chat handler (not our engine): load the pair, answer about an image."""
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Llava15ChatHandler
@@ -358,10 +359,35 @@ def test_ctrl_c_kills_llama_cpp_and_leaves_no_file(pair256: ConvertResult, tmp_p
         if done >= 2:
             raise KeyboardInterrupt
 
+    def alive() -> set[int]:
+        return {c.pid for c in psutil.Process().children(recursive=True) if c.status() != psutil.STATUS_ZOMBIE}
+
+    before = alive()
     with pytest.raises(KeyboardInterrupt):
         quantize(pair256.text_path, bits="q6_k", out=tmp_path, on_progress=interrupt)
     assert _files(tmp_path) == []
-    assert not [c for c in psutil.Process().children(recursive=True) if c.is_running() and c.status() != "zombie"]
+    assert alive() <= before  # the llama.cpp child was killed and reaped
+
+
+def test_cli_ctrl_c_exits_130_and_leaves_no_file(
+    pair256: ConvertResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import contextlib
+
+    import llava_cli.cli.quantize as cli
+
+    @contextlib.contextmanager
+    def bar(description: str, *, unit: str = "bytes", quiet: bool = False):
+        def update(done: int, total: int) -> None:
+            if done >= 2:  # the user presses Ctrl-C while llama.cpp is at the second tensor
+                raise KeyboardInterrupt
+
+        yield update
+
+    monkeypatch.setattr(cli, "progress_bar", bar)
+    assert main(["quantize", str(pair256.text_path), "--bits", "q6_k", "--out", str(tmp_path)]) == 130
+    assert "interrupted" in _one_line_error(capsys)
+    assert _files(tmp_path) == []
 
 
 def test_output_over_its_source_is_refused(tiny_pair_f16: ConvertResult) -> None:
@@ -372,6 +398,7 @@ def test_output_over_its_source_is_refused(tiny_pair_f16: ConvertResult) -> None
 # ---------------------------------------------------------------------------------------------------- quality
 
 
+@pytest.mark.slow
 def test_quality_orders_the_quantizations(pair256: ConvertResult, quantized256: dict[str, QuantizeResult]) -> None:
     inputs = list(zip(qz.quality_images(), qz.QUALITY_PROMPTS, strict=True))[:2]
     candidates = {(b, "f16"): (quantized256[b].text_path, pair256.mmproj_path) for b in ("f16", "q8_0", "q4_k_m")}
@@ -387,6 +414,7 @@ def test_quality_orders_the_quantizations(pair256: ConvertResult, quantized256: 
     assert table.count("\n") == len(rows) + 1 and "| Q4_K_M |" in table
 
 
+@pytest.mark.slow
 def test_cli_report_json(tiny_pair_f16: ConvertResult, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["quantize", str(tiny_pair_f16.text_path), "-q", "Q8_0", "--out", str(tmp_path), "--report", "--json"])
     assert code == 0

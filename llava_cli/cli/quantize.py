@@ -12,6 +12,14 @@ from rich.console import Console
 
 from llava_cli.cli.options import BitsOpt, JsonOpt, QuietOpt
 from llava_cli.cli.progress import ProgressFn, progress_bar
+from llava_cli.errors import LlavaError
+
+
+class Interrupted(LlavaError):
+    """Ctrl-C during `llava quantize` (the conventional 128 + SIGINT exit code)."""
+
+    exit_code = 130
+
 
 HELP = (
     "Quantize a LLaVA model with llama.cpp's own quantizer (all cores): text model and vision projector.\n\n"
@@ -89,15 +97,20 @@ def register(app: typer.Typer) -> None:
                 if current:
                     current[0](done, total)
 
-            result = quantize(
-                source,
-                bits=bits or "q4_k_m",
-                mmproj_bits=mmproj_bits,
-                out=out,
-                on_progress=on_progress,
-                on_stage=on_stage,
-                report=report,
-            )
+            try:
+                result = quantize(
+                    source,
+                    bits=bits or "q4_k_m",
+                    mmproj_bits=mmproj_bits,
+                    out=out,
+                    on_progress=on_progress,
+                    on_stage=on_stage,
+                    report=report,
+                )
+            except KeyboardInterrupt:
+                # Typer turns a KeyboardInterrupt into a *returned* 130 when standalone_mode=False, which the
+                # app's boundary does not look at (exit 0 after Ctrl-C); an error carries the code through it.
+                raise Interrupted("interrupted: the partial output was removed") from None
         if json_out:
             typer.echo(json.dumps(result.as_dict(), indent=2))
             return
