@@ -232,6 +232,18 @@ def test_f32_gguf_source_and_metadata(tiny_pair_f32: ConvertResult, tmp_path: Pa
     assert "llama-cpp-python" in meta["llava_cli.quantize.tool"]
 
 
+def test_bf16_gguf_source(tiny_pair_f32: ConvertResult, tmp_path: Path) -> None:
+    """BF16 sources are quantized like F16 ones (the converter writes F32/F16; llama.cpp itself makes the BF16)."""
+    bf16 = qz.QuantType("bf16", "BF16", gguf.LlamaFileType.MOSTLY_BF16, gguf.GGMLQuantizationType.BF16)
+    src = tmp_path / "tiny-llava.bf16.gguf"
+    qz._run_llama_quantize(tiny_pair_f32.text_path, src, bf16, kv={}, f16_tensors=[], on_progress=None)
+    shutil.copy(tiny_pair_f32.mmproj_path, tmp_path / tiny_pair_f32.mmproj_path.name)
+    assert read_gguf(src).file_type == "BF16"
+    result = quantize(src, bits="q8_0", out=tmp_path / "out")
+    assert result.text_path.name == "tiny-llava.q8_0.gguf" and result.tensor_types.get("Q8_0")
+    assert read_gguf(result.mmproj_path).file_type == "F16"
+
+
 def test_catalog_id_uses_the_cached_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """A catalog id quantizes the checkpoint found in the local hub cache (offline: nothing is downloaded)."""
     sha = "0123456789abcdef0123456789abcdef01234567"
