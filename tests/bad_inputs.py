@@ -1,0 +1,443 @@
+"""A corpus of bad (and odd-but-valid) inputs, built by the tests themselves, plus a crash-isolating CLI runner.
+
+Every input is derived from the converter's tiny synthetic models (tests/model_fixtures.py) or drawn with
+Pillow/numpy, so nothing is downloaded and nothing is checked in. Three families:
+
+* GGUF files, each in the role the user would give it (``text``: ``--model``; ``mmproj``: ``--mmproj``):
+  truncations at several offsets, wrong magic/version, absurd counts and string lengths, swapped roles, another
+  architecture, an mmproj whose embedding size does not match the text model.
+* Images: zero bytes, truncated JPEG/PNG, random bytes behind an image extension, a decompression bomb; and the
+  odd but valid ones (1×1, 16-bit PNG, multi-frame TIFF) that must simply work.
+* Hugging Face checkpoints: a missing shard, corrupt/truncated safetensors, config.json that is not JSON or is
+  missing, a wrong tensor dtype, no tokenizer.
+
+`run_cli` runs ``llava_cli.cli.app.main(argv)`` in a child forked from a clean fork server (the imports are done
+once, so a case costs milliseconds instead of a 1.5 s interpreter start), with the child's own fds 0/1/2 on
+files: a llama.cpp abort or segfault shows up as a negative exit code, C-level stderr is captured too, and the
+pytest process never shares a crash.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import multiprocessing
+import os
+import struct
+import sys
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+from PIL import Image
+
+# --------------------------------------------------------------------------------------------- the runner
+
+
+@dataclass
+class CliResult:
+    code: int  # the exit code; negative = killed by that signal (a crash)
+    stdout: str
+    stderr: str
+
+    @property
+    def crashed(self) -> bool:
+        return self.code < 0
+
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+
+def _child(argv: list[str], env: dict[str, str], cwd: str, files: tuple[str, str, str]) -> None:
+    """Body of a forked child: the CLI's `main` with its own fds, exiting with main's code."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    for fd, (name, mode) in enumerate(zip(files, (os.O_RDONLY, os.O_WRONLY, os.O_WRONLY), strict=True)):
+        new = os.open(name, mode)
+        os.dup2(new, fd)
+        os.close(new)
+    # Python's std streams sit on fds 0/1/2: re-create them so buffered text goes to the new files.
+    sys.stdin = open(0, closefd=False)  # noqa: SIM115
+    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+    from llava_cli.cli.app import main
+
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip atexit/finalizers: what the user sees is what main printed
+
+
+_CONTEXT: multiprocessing.context.ForkServerContext | None = None
+# What the commands import lazily, imported once in the fork server instead of in every child.
+PRELOAD = [
+    "llava_cli.cli.app",
+    "tests.bad_inputs",
+    "llama_cpp",
+    "llama_cpp.mtmd_cpp",
+    "llava_cli.engine",
+    "llava_cli.resolve",
+    "llava_cli.memory",
+    "quantize.quantizer",
+]
+
+
+def _context() -> multiprocessing.context.ForkServerContext:
+    global _CONTEXT
+    if _CONTEXT is None:
+        ctx = multiprocessing.get_context("forkserver")
+        # The fork server imports the whole CLI (typer, numpy, gguf, llama_cpp's bindings) once; it never loads a
+        # model, so its children start from a clean process, not a copy of pytest's threads and locks.
+        ctx.set_forkserver_preload(PRELOAD)
+        _CONTEXT = ctx
+    return _CONTEXT
+
+
+def run_cli(
+    argv: list[str], work: Path, *, stdin: str = "", timeout: float = 120, env: dict[str, str] | None = None
+) -> CliResult:
+    """Run ``llava <argv>`` in a fresh forked process; return its exit code and output."""
+    work.mkdir(parents=True, exist_ok=True)
+    names = (work / ".stdin", work / ".stdout", work / ".stderr")
+    names[0].write_text(stdin)
+    names[1].write_bytes(b"")
+    names[2].write_bytes(b"")
+    child_env = {**os.environ, **(env or {}), "COLUMNS": "200", "NO_COLOR": "1"}
+    proc = _context().Process(
+        target=_child, args=(argv, child_env, str(work), tuple(str(n) for n in names)), daemon=False
+    )
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        raise AssertionError(f"llava {' '.join(argv)} did not finish in {timeout}s")
+    assert proc.exitcode is not None
+    return CliResult(
+        proc.exitcode,
+        names[1].read_text(errors="replace"),
+        names[2].read_text(errors="replace"),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ sources
+
+
+@dataclass(frozen=True)
+class Sources:
+    """The good inputs every bad one is derived from."""
+
+    text: Path  # a valid F16 text GGUF
+    mmproj: Path  # its valid mmproj
+    other_mmproj: Path  # a valid mmproj of a model with another embedding size
+    checkpoint: Path  # a valid single-file checkpoint
+    sharded: Path  # a valid 2-shard checkpoint
+    image: Path  # a valid PNG
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input. ``build(sources, folder)`` writes it under `folder` and returns its path; ``expect`` is a
+    regex the error line must match; ``valid`` cases must succeed instead."""
+
+    id: str
+    family: str  # "text" | "mmproj" | "image" | "checkpoint"
+    build: Callable[[Sources, Path], Path]
+    expect: str
+    valid: bool = False
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _gguf_layout(path: Path) -> dict[str, int]:
+    """Byte offsets inside a valid GGUF: where the KV section, the tensor infos and the data start."""
+    reader = gguf.GGUFReader(path)
+    kv_start = 24
+    first_tensor_info = min(int(t.field.offset) for t in reader.tensors)
+    data_start = int(reader.data_offset)
+    return {"kv": kv_start, "tensor_info": first_tensor_info, "data": data_start}
+
+
+def _truncate(role: str, where: str) -> Callable[[Sources, Path], Path]:
+    def build(src: Sources, folder: Path) -> Path:
+        good = src.text if role == "text" else src.mmproj
+        data = good.read_bytes()
+        layout = _gguf_layout(good)
+        cut = {
+            "zero": 0,
+            "magic": 4,
+            "header": 20,
+            "kv": layout["kv"] + 13,  # inside the first key
+            "tensor-info": layout["tensor_info"] + 9,  # inside the first tensor's name
+            "data": layout["data"] + 100,  # just after the weights start
+            "half": len(data) // 2,
+            "last-byte": len(data) - 1,
+        }[where]
+        return _write(folder / good.name, data[:cut])
+
+    return build
+
+
+def _patch(role: str, offset: int, blob: bytes) -> Callable[[Sources, Path], Path]:
+    def build(src: Sources, folder: Path) -> Path:
+        good = src.text if role == "text" else src.mmproj
+        data = bytearray(good.read_bytes())
+        data[offset : offset + len(blob)] = blob
+        return _write(folder / good.name, bytes(data))
+
+    return build
+
+
+def _swapped(role: str) -> Callable[[Sources, Path], Path]:
+    """The other file of the pair, under a name that fits the role it is given in."""
+
+    def build(src: Sources, folder: Path) -> Path:
+        if role == "text":
+            return _write(folder / src.text.name, src.mmproj.read_bytes())
+        return _write(folder / src.mmproj.name, src.text.read_bytes())
+
+    return build
+
+
+def _other_architecture(src: Sources, folder: Path) -> Path:
+    """The tiny text model relabelled as a Qwen2 model: a well-formed GGUF llama.cpp would load, not LLaVA."""
+    reader = gguf.GGUFReader(src.text)
+    out = folder / src.text.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(out, "qwen2")
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        key = "qwen2." + name.removeprefix("llama.") if name.startswith("llama.") else name
+        vtype = f.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(key, f.contents(), vtype, sub_type=f.types[-1])
+        else:
+            writer.add_key_value(key, f.contents(), vtype)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_shape=None, raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def _other_mmproj(src: Sources, folder: Path) -> Path:
+    return _write(folder / src.mmproj.name, src.other_mmproj.read_bytes())
+
+
+def _gguf_cases() -> list[Case]:
+    cases: list[Case] = []
+    for role in ("text", "mmproj"):
+        for where in ("zero", "magic", "header", "kv", "tensor-info", "data", "half", "last-byte"):
+            if role == "mmproj" and where in ("header", "kv", "last-byte"):
+                continue  # the text file covers these offsets; the mmproj keeps the most telling ones
+            expect = r"empty \(0 bytes\)" if where == "zero" else r"truncated|corrupt|not a GGUF"
+            cases.append(Case(f"{role}-truncated-{where}", role, _truncate(role, where), expect))
+        cases.append(Case(f"{role}-bad-magic", role, _patch(role, 0, b"GGML"), r"not a GGUF file \(bad magic"))
+    cases += [
+        Case("text-version-99", "text", _patch("text", 4, struct.pack("<I", 99)), r"corrupt|version"),
+        Case("text-version-1", "text", _patch("text", 4, struct.pack("<I", 1)), r"corrupt|version"),
+        Case("text-absurd-tensor-count", "text", _patch("text", 8, struct.pack("<Q", 2**62)), r"corrupt|truncated"),
+        Case("text-absurd-kv-count", "text", _patch("text", 16, struct.pack("<Q", 2**62)), r"corrupt|truncated"),
+        Case("text-absurd-string-length", "text", _patch("text", 24, struct.pack("<Q", 2**60)), r"corrupt|truncated"),
+        Case("mmproj-absurd-tensor-count", "mmproj", _patch("mmproj", 8, struct.pack("<Q", 2**40)), r"corrupt"),
+        Case("mmproj-given-as-text", "text", _swapped("text"), r"projector \(mmproj\), not a (LLaVA )?text model"),
+        Case("text-given-as-mmproj", "mmproj", _swapped("mmproj"), r"text model, not a vision projector"),
+        Case("text-other-architecture", "text", _other_architecture, r"'qwen2' model; llava-cli runs LLaVA"),
+        Case("mmproj-embedding-mismatch", "mmproj", _other_mmproj, r"does not belong to .*128-dim .* takes 64"),
+    ]
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------- images
+
+
+def picture(size: tuple[int, int] = (48, 40), seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+@functools.cache
+def _encoded(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    picture((96, 80)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def _img(name: str, make: Callable[[], bytes]) -> Callable[[Sources, Path], Path]:
+    return lambda src, folder: _write(folder / name, make())
+
+
+@functools.cache
+def _bomb() -> bytes:
+    """A real 12000×12000 1-bit PNG: 144 MP (over our 100 MP guard and Pillow's 89 MP warning), 20 KB on disk."""
+    buf = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(buf, "PNG", optimize=False)
+    return buf.getvalue()
+
+
+@functools.cache
+def _header_bomb() -> bytes:
+    """A PNG whose header claims 65535×65535 (4.3 GP) with a few bytes of data: refused before decoding."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", 65535, 65535, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@functools.cache
+def _png16() -> bytes:
+    ramp = (np.arange(40 * 48, dtype=np.uint32).reshape(40, 48) * 34).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, "PNG")  # mode I;16
+    return buf.getvalue()
+
+
+@functools.cache
+def _tiff_frames() -> bytes:
+    frames = [picture((40, 32), seed=i) for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "TIFF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
+
+
+@functools.cache
+def _tiny() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _image_cases() -> list[Case]:
+    rng = np.random.default_rng(7)
+    noise = rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    jpeg, png = _encoded("JPEG"), _encoded("PNG")
+    return [
+        Case("image-zero-bytes", "image", _img("empty.jpg", lambda: b""), r"empty \(0 bytes\)"),
+        Case("image-truncated-jpeg", "image", _img("cut.jpg", lambda: jpeg[: len(jpeg) // 2]), r"truncated"),
+        Case("image-truncated-png", "image", _img("cut.png", lambda: png[: len(png) // 2]), r"truncated"),
+        Case("image-png-header-only", "image", _img("head.png", lambda: png[:33]), r"truncated|corrupt|not an image"),
+        Case("image-random-bytes-jpg", "image", _img("noise.jpg", lambda: noise), r"not an image"),
+        Case("image-text-as-png", "image", _img("notes.png", lambda: b"shopping: milk, eggs\n"), r"not an image"),
+        Case("image-decompression-bomb", "image", _img("bomb.png", _bomb), r"decompression-bomb"),
+        Case("image-header-bomb", "image", _img("claims.png", _header_bomb), r"decompression-bomb"),
+        Case("image-1x1", "image", _img("dot.png", _tiny), "", valid=True),
+        Case("image-16-bit-png", "image", _img("deep.png", _png16), "", valid=True),
+        Case("image-multi-frame-tiff", "image", _img("frames.tiff", _tiff_frames), "", valid=True),
+    ]
+
+
+# -------------------------------------------------------------------------------------------- checkpoints
+
+
+def _copy_checkpoint(src: Path, folder: Path) -> Path:
+    out = folder / src.name
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def _ckpt(mutate: Callable[[Path], None], *, sharded: bool = False) -> Callable[[Sources, Path], Path]:
+    def build(src: Sources, folder: Path) -> Path:
+        out = _copy_checkpoint(src.sharded if sharded else src.checkpoint, folder)
+        mutate(out)
+        return out
+
+    return build
+
+
+def _drop_second_shard(ckpt: Path) -> None:
+    shards = sorted(ckpt.glob("model-*.safetensors"))
+    assert len(shards) >= 2, shards
+    shards[-1].unlink()
+
+
+def _header_length(ckpt: Path) -> None:
+    f = ckpt / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[:8] = struct.pack("<Q", 2**50)
+    f.write_bytes(bytes(data))
+
+
+def _header_garbage(ckpt: Path) -> None:
+    f = ckpt / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:40] = b"#" * 32  # the JSON header no longer parses
+    f.write_bytes(bytes(data))
+
+
+def _truncated_weights(ckpt: Path) -> None:
+    f = ckpt / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) * 2 // 3])
+
+
+def _config_not_json(ckpt: Path) -> None:
+    (ckpt / "config.json").write_text('{"architectures": ["LlavaForConditionalGeneration"], "text_config": {')
+
+
+def _config_missing(ckpt: Path) -> None:
+    (ckpt / "config.json").unlink()
+
+
+def _int_weights(ckpt: Path) -> None:
+    """Every F32 tensor relabelled I32 (same byte size, so the file stays self-consistent)."""
+    f = ckpt / "model.safetensors"
+    data = f.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = data[8 : 8 + n].replace(b'"F32"', b'"I32"')
+    f.write_bytes(data[:8] + header + data[8 + n :])
+
+
+def _f64_weights(ckpt: Path) -> None:
+    """The projector's first weight stored as F64: a dtype no LLaVA checkpoint uses (rewritten consistently)."""
+    from safetensors.numpy import load_file, save_file
+
+    f = ckpt / "model.safetensors"
+    tensors = load_file(str(f))
+    name = next(k for k in tensors if "multi_modal_projector" in k and k.endswith("weight"))
+    tensors[name] = tensors[name].astype(np.float64)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+
+def _no_tokenizer(ckpt: Path) -> None:
+    (ckpt / "tokenizer.model").unlink()
+
+
+def _no_weights(ckpt: Path) -> None:
+    (ckpt / "model.safetensors").unlink()
+
+
+def _checkpoint_cases() -> list[Case]:
+    return [
+        Case("ckpt-missing-shard", "checkpoint", _ckpt(_drop_second_shard, sharded=True), r"model-00002-of-00002"),
+        Case("ckpt-header-length-absurd", "checkpoint", _ckpt(_header_length), r"model\.safetensors"),
+        Case("ckpt-header-not-json", "checkpoint", _ckpt(_header_garbage), r"model\.safetensors"),
+        Case("ckpt-truncated-weights", "checkpoint", _ckpt(_truncated_weights), r"model\.safetensors"),
+        Case("ckpt-config-not-json", "checkpoint", _ckpt(_config_not_json), r"config\.json"),
+        Case("ckpt-config-missing", "checkpoint", _ckpt(_config_missing), r"config\.json"),
+        Case("ckpt-int32-weights", "checkpoint", _ckpt(_int_weights), r"I32"),
+        Case("ckpt-f64-weight", "checkpoint", _ckpt(_f64_weights), r"F64"),
+        Case("ckpt-no-tokenizer", "checkpoint", _ckpt(_no_tokenizer), r"tokenizer"),
+        Case("ckpt-no-weights", "checkpoint", _ckpt(_no_weights), r"safetensors"),
+    ]
+
+
+def all_cases() -> list[Case]:
+    return [*_gguf_cases(), *_image_cases(), *_checkpoint_cases()]
+
+
+CASES = {c.id: c for c in all_cases()}
