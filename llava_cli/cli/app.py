@@ -84,8 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `llava` script. Returns (and exits with) the process exit code."""
     debug = os.environ.get("LLAVA_DEBUG") == "1"
     try:
-        app(args=argv, standalone_mode=False)
-        code = 0
+        # Without standalone mode Typer *returns* the code of typer.Exit(n), and turns Ctrl-C into 130.
+        rv = app(args=argv, standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+        if code == 130:
+            _fail("interrupted", None, 130)
     except typer.Exit as exc:
         code = exc.exit_code
     except _ClickException as exc:  # bad flags: click prints usage + message
