@@ -539,6 +539,12 @@ class Engine:
         except BaseException:
             mtmd.mtmd_input_chunk_free(chunk)
             raise
+        # Keep only a placeholder of the chunk (its sizes and id, not the preprocessed pixels): that is all the
+        # decode of cached embeddings needs.
+        placeholder = mtmd.mtmd_input_chunk_get_placeholder(chunk)
+        if placeholder:
+            mtmd.mtmd_input_chunk_free(chunk)
+            chunk = placeholder
         self.stats.images_encoded += 1
         entry = _ImageEntry(chunk=chunk, n_tokens=n_tokens, n_pos=n_pos, embd=embd)
         self._cache[image.sha256] = entry
