@@ -117,7 +117,7 @@ def _lazy_progress(description: str, quiet: bool) -> Iterator[Callable[[int, int
 
         def update(completed: int, total: int) -> None:
             if not bar:
-                bar.append(stack.enter_context(progress_bar(description, unit="steps", quiet=quiet)))
+                bar.append(stack.enter_context(progress_bar(description, unit="bytes", quiet=quiet)))
             bar[0](completed, total)
 
         yield update
@@ -302,18 +302,33 @@ class ChatRepl:
         self.generate = generate or {}
 
     def _lines(self, stdin: TextIO, interactive: bool) -> Iterator[str]:
-        if interactive:
-            with contextlib.suppress(ImportError):
-                import readline  # noqa: F401  (line editing and history for input())
+        if not interactive:
+            for line in stdin:
+                yield line.rstrip("\n")
+            return
+        history = None
+        try:
+            import readline  # line editing, and input history kept across sessions
+
+            from llava_cli.paths import user_dir
+
+            history = user_dir() / "chat_history"
+            with contextlib.suppress(OSError):
+                readline.read_history_file(history)
+            readline.set_history_length(1000)
+        except ImportError:  # Windows without pyreadline
+            readline = None  # type: ignore[assignment]
+        try:
             while True:
                 try:
                     yield input("you> ")
                 except EOFError:
                     print(file=sys.stderr)
                     return
-        else:
-            for line in stdin:
-                yield line.rstrip("\n")
+        finally:
+            if readline is not None and history is not None:
+                with contextlib.suppress(OSError):
+                    readline.write_history_file(history)
 
     def run(self, stdin: TextIO, stdout: TextIO) -> None:
         interactive = stdin.isatty() and stdout.isatty()
