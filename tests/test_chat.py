@@ -115,3 +115,47 @@ def test_chat_through_a_pipe(tiny_pair_f16, pictures: list[Path], tmp_path: Path
     assert proc.returncode == 0, proc.stderr.decode()
     assert len(json.loads(saved.read_text())["messages"]) == 4
     assert b"Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin", reason="needs a POSIX pty")
+def test_interactive_chat_in_a_terminal(tiny_pair_f16, pictures: list[Path], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """With a real terminal: a prompt, /help, and input history saved across sessions."""
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the real `llava chat` on a pseudo-terminal
+        os.environ["LLAVA_HOME"] = str(tmp_path / "home")
+        os.environ["PYTHONPATH"] = str(ROOT)
+        argv = [sys.executable, "-m", "llava_cli", "chat", *_pair(tiny_pair_f16), "-i", str(pictures[0]), "-n", "3"]
+        os.execv(sys.executable, argv)
+    out = b""
+
+    def read_until(marker: bytes, timeout: float = 60) -> None:
+        nonlocal out
+        end = time.time() + timeout
+        while marker not in out and time.time() < end:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    out += os.read(fd, 4096)
+                except OSError:
+                    return
+
+    try:
+        read_until(b"you> ")
+        os.write(fd, b"What is this?\n")
+        end = time.time() + 60
+        while out.count(b"you> ") < 2 and time.time() < end:  # the answer, then the next prompt
+            read_until(b"\x00", 0.5)
+        os.write(fd, b"/help\n")
+        read_until(b"/exit        quit")
+        os.write(fd, b"/exit\n")
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    text = out.decode(errors="replace")
+    assert "type /help for commands" in text and "/image PATH" in text
+    assert os.WEXITSTATUS(status) == 0
+    assert "What is this?" in (tmp_path / "home" / "chat_history").read_text()
