@@ -180,8 +180,35 @@ def check_pair(text: GGUFInfo, mmproj: GGUFInfo) -> None:
 
 
 def _tensor_infos(reader: gguf.GGUFReader, path: Path, size: int) -> list[TensorInfo]:
+    """Tensor infos, checked the way ggml's ``gguf_init_from_file`` checks them (llama.cpp and clip.cpp both open
+    files through it): known type, 1-4 non-negative dims, rows a whole number of blocks, unique names, and each
+    tensor's data exactly where the previous one ends (padded to the alignment) — then inside the file."""
     out = []
+    alignment = int(reader.alignment)
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise ModelFileError(f"{path} has alignment {alignment}, not a power of two", hint="convert it again")
+    seen: set[str] = set()
+    expected = 0  # where ggml expects the next tensor's data, relative to the data section
     for t in reader.tensors:
+        if t.name in seen:
+            raise ModelFileError(f"{path} has tensor '{t.name}' twice", hint="convert it again")
+        seen.add(t.name)
+        dims = [int(d) for d in t.field.parts[3]] if len(t.field.parts) > 3 else [int(d) for d in t.shape]
+        if not 1 <= len(dims) <= 4 or any(d < 0 or d >= 2**62 for d in dims):
+            raise ModelFileError(f"{path}: tensor '{t.name}' has impossible dimensions {dims}", hint="convert it again")
+        block, _ = gguf.GGML_QUANT_SIZES[t.tensor_type]
+        if dims[0] % block:
+            raise ModelFileError(
+                f"{path}: tensor '{t.name}' rows of {dims[0]} are not whole {t.tensor_type.name} blocks of {block}",
+                hint="convert it again",
+            )
+        relative = int(t.data_offset) - int(reader.data_offset)
+        if relative != expected:
+            raise ModelFileError(
+                f"{path} is corrupt: tensor '{t.name}' data is at offset {relative:,}, expected {expected:,}",
+                hint="download or convert it again",
+            )
+        expected += -(-int(t.n_bytes) // alignment) * alignment
         end = int(t.data_offset) + int(t.n_bytes)
         if end > size:
             raise ModelFileError(

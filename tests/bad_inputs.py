@@ -196,6 +196,20 @@ def _patch(role: str, offset: int, blob: bytes) -> Callable[[Sources, Path], Pat
     return build
 
 
+def _tensor_field(role: str, index: int, part: int, value: int) -> Callable[[Sources, Path], Path]:
+    """Overwrite one tensor-info field (part 3: the first dimension, part 5: the data offset) of tensor `index`."""
+
+    def build(src: Sources, folder: Path) -> Path:
+        good = src.text if role == "text" else src.mmproj
+        field = gguf.GGUFReader(good).tensors[index].field
+        at = int(field.offset) + sum(int(p.nbytes) for p in field.parts[:part])
+        data = bytearray(good.read_bytes())
+        data[at : at + 8] = struct.pack("<Q", value)
+        return _write(folder / good.name, bytes(data))
+
+    return build
+
+
 def _swapped(role: str) -> Callable[[Sources, Path], Path]:
     """The other file of the pair, under a name that fits the role it is given in."""
 
@@ -251,6 +265,9 @@ def _gguf_cases() -> list[Case]:
         Case("text-absurd-kv-count", "text", _patch("text", 16, struct.pack("<Q", 2**62)), r"corrupt|truncated"),
         Case("text-absurd-string-length", "text", _patch("text", 24, struct.pack("<Q", 2**60)), r"corrupt|truncated"),
         Case("mmproj-absurd-tensor-count", "mmproj", _patch("mmproj", 8, struct.pack("<Q", 2**40)), r"corrupt"),
+        # Well-formed headers whose tensor table lies: ggml's loader refuses these, so must we.
+        Case("text-tensor-offset-overlaps", "text", _tensor_field("text", 3, 5, 0), r"corrupt: tensor .* offset"),
+        Case("mmproj-tensor-dim-shrunk", "mmproj", _tensor_field("mmproj", 5, 3, 1), r"corrupt|blocks"),
         Case("mmproj-given-as-text", "text", _swapped("text"), r"projector \(mmproj\), not a (LLaVA )?text model"),
         Case("text-given-as-mmproj", "mmproj", _swapped("mmproj"), r"text model, not a vision projector"),
         Case("text-other-architecture", "text", _other_architecture, r"'qwen2' model; llava-cli runs LLaVA"),
@@ -441,3 +458,51 @@ def all_cases() -> list[Case]:
 
 
 CASES = {c.id: c for c in all_cases()}
+
+
+# ------------------------------------------------------------------------------ loading through llama.cpp
+
+
+def _engine_child(text: str, mmproj: str, image: str, result: str) -> None:
+    """Body of a forked child: load the pair with the real Engine and answer one token about `image`.
+
+    Writes {"ok": true} or {"ok": false, "error": <one-line LlavaError>} to `result`; any other exception is a
+    traceback and exit code 1, a llama.cpp abort a negative exit code.
+    """
+    import json
+
+    from llava_cli.engine import Engine
+    from llava_cli.errors import LlavaError
+    from llava_cli.images import load_image
+
+    fd = os.open(result + ".stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)  # llama.cpp's own log, in case it aborts
+    try:
+        with Engine(text, mmproj, n_ctx=1024, n_threads=1, n_gpu_layers=0, on_note=lambda _m: None) as engine:
+            answer = engine.ask("What is this?", images=[load_image(image)], max_tokens=1, temperature=0.0)
+            outcome = {"ok": True, "completion_tokens": answer.completion_tokens}
+    except LlavaError as exc:
+        outcome = {"ok": False, "error": str(exc), "type": type(exc).__name__}
+    Path(result).write_text(json.dumps(outcome))
+    os._exit(0)
+
+
+def load_in_child(text: Path, mmproj: Path, image: Path, work: Path, timeout: float = 120) -> tuple[int, dict, str]:
+    """Load `text` + `mmproj` with llama.cpp in a forked child; (exit code, outcome, llama.cpp's stderr)."""
+    import json
+
+    work.mkdir(parents=True, exist_ok=True)
+    result = work / "engine.json"
+    result.unlink(missing_ok=True)
+    proc = _context().Process(target=_engine_child, args=(str(text), str(mmproj), str(image), str(result)))
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        raise AssertionError(f"loading {text.name} + {mmproj.name} did not finish in {timeout}s")
+    assert proc.exitcode is not None
+    err_file = Path(str(result) + ".stderr")
+    err = err_file.read_text(errors="replace") if err_file.exists() else ""
+    outcome = json.loads(result.read_text()) if result.exists() else {}
+    return proc.exitcode, outcome, err

@@ -1,0 +1,165 @@
+"""Property-based fuzzing of the two validators that stand between a user's file and C code.
+
+A valid tiny GGUF (text model or mmproj) is mutated in its header (bytes, 32/64-bit fields set to edge values,
+deletions, insertions, truncation) or its weights; `read_gguf` must either refuse it with a one-line
+`ModelFileError` naming the file, or accept it — and then llama.cpp, in a forked child, loads it and answers one
+token about an image, or refuses with a clear `LlavaError`: never a crash. Same for images through `load_image`:
+an RGB picture or an `ImageError`, nothing else.
+
+The number of examples is bounded for CI (``LLAVA_FUZZ_EXAMPLES`` raises it for a long local run).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llava_cli.errors import ImageError, ModelFileError
+from llava_cli.gguf_info import check_pair, read_gguf
+from llava_cli.images import load_image
+from tests.bad_inputs import load_in_child, picture
+
+EXAMPLES = int(os.environ.get("LLAVA_FUZZ_EXAMPLES", "0")) or None
+
+
+def _fuzz(default_examples: int) -> settings:
+    return settings(
+        max_examples=EXAMPLES or default_examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+
+
+INTERESTING_32 = [0, 1, 2, 3, 7, 13, 255, 0x7FFF_FFFF, 0x8000_0000, 0xFFFF_FFFF]
+INTERESTING_64 = [0, 1, 12, 2**31, 2**32, 2**40, 2**62, 2**63, 2**64 - 1]
+
+
+def _mutations(size: int, header_end: int) -> st.SearchStrategy[list[tuple]]:
+    header = st.integers(0, header_end - 1)
+    one = st.one_of(
+        st.tuples(st.just("byte"), header, st.integers(0, 255)),
+        st.tuples(st.just("u32"), header, st.sampled_from(INTERESTING_32)),
+        st.tuples(st.just("u64"), header, st.sampled_from(INTERESTING_64)),
+        st.tuples(st.just("delete"), header, st.integers(1, 16)),
+        st.tuples(st.just("insert"), header, st.binary(min_size=1, max_size=16)),
+        st.tuples(st.just("truncate"), st.integers(0, size - 1)),
+    )
+    if header_end < size:  # a GGUF: also scribble over the weights
+        weights = st.tuples(st.just("weights"), st.integers(header_end, size - 1), st.binary(min_size=1, max_size=64))
+        one = st.one_of(one, weights)
+    return st.lists(one, min_size=1, max_size=3)
+
+
+def _apply(data: bytes, mutations: list[tuple]) -> bytes:
+    buf = bytearray(data)
+    for m in mutations:
+        kind, off = m[0], min(m[1], max(0, len(buf) - 1))
+        if kind == "byte":
+            buf[off] = m[2]
+        elif kind in ("u32", "u64"):
+            blob = struct.pack("<I" if kind == "u32" else "<Q", m[2])
+            buf[off : off + len(blob)] = blob
+        elif kind == "delete":
+            del buf[off : off + m[2]]
+        elif kind == "insert":
+            buf[off:off] = m[2]
+        elif kind == "truncate":
+            del buf[off:]
+        elif kind == "weights":
+            buf[off : off + len(m[2])] = m[2]
+    return bytes(buf)
+
+
+def _data_offset(path: Path) -> int:
+    return int(gguf.GGUFReader(path).data_offset)
+
+
+@pytest.fixture(scope="module")
+def fuzz_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("fuzz") / "good.png"
+    picture().save(path)
+    return path
+
+
+def _check_mutant(role: str, pair, mutant_bytes: bytes, image: Path, stats: dict[str, int]) -> None:  # type: ignore[no-untyped-def]
+    good = Path(pair.text_path if role == "text" else pair.mmproj_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        mutant = Path(tmp) / good.name
+        mutant.write_bytes(mutant_bytes)
+        try:
+            info = read_gguf(mutant, expect=role)  # type: ignore[arg-type]
+            other = read_gguf(pair.mmproj_path if role == "text" else pair.text_path)
+            check_pair(info, other) if role == "text" else check_pair(other, info)
+        except ModelFileError as exc:
+            message = str(exc)
+            assert "\n" not in message and (mutant.name in message or str(mutant) in message), message
+            stats["refused"] += 1
+            return
+        text, mmproj = (mutant, Path(pair.mmproj_path)) if role == "text" else (Path(pair.text_path), mutant)
+        code, outcome, llama_log = load_in_child(text, mmproj, image, Path(tmp) / "child")
+        assert code >= 0, f"llama.cpp crashed (signal {-code}) on a file read_gguf accepted:\n{llama_log[-3000:]}"
+        assert code == 0 and outcome, f"the child failed without a LlavaError (exit {code}):\n{llama_log[-3000:]}"
+        if outcome["ok"]:
+            stats["loaded"] += 1
+        else:
+            assert "\n" not in outcome["error"], outcome
+            stats["refused_by_llama"] += 1
+            print(f"\n  llama.cpp refused what read_gguf accepted: {outcome['error']}")
+
+
+@pytest.mark.parametrize("role", ["text", "mmproj"])
+def test_mutated_gguf_is_refused_or_loads(role: str, tiny_pair_f16, fuzz_image: Path) -> None:  # type: ignore[no-untyped-def]
+    good = Path(tiny_pair_f16.text_path if role == "text" else tiny_pair_f16.mmproj_path)
+    data = good.read_bytes()
+    stats = {"refused": 0, "loaded": 0, "refused_by_llama": 0}
+
+    @_fuzz(150)
+    @given(_mutations(len(data), _data_offset(good)))
+    def prop(mutations: list[tuple]) -> None:
+        _check_mutant(role, tiny_pair_f16, _apply(data, mutations), fuzz_image, stats)
+
+    prop()
+    print(f"\nfuzz {role} GGUF: {stats}")
+    # The property ran on real mutants: some refused by the validator, and not every example trivially so.
+    assert stats["refused"] > 0 and sum(stats.values()) >= (EXAMPLES or 150) * 0.9, stats
+
+
+def _encoded(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    picture((40, 32), seed=3).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "TIFF", "WEBP"])
+def test_mutated_image_is_refused_or_rgb(fmt: str) -> None:
+    data = _encoded(fmt)
+    stats = {"refused": 0, "accepted": 0}
+
+    @_fuzz(200)
+    @given(_mutations(len(data), len(data)))
+    def prop(mutations: list[tuple]) -> None:
+        mutant = _apply(data, mutations)
+        try:
+            loaded = load_image(mutant)
+        except ImageError as exc:
+            assert "\n" not in str(exc) and "<bytes>" in str(exc), str(exc)
+            stats["refused"] += 1
+            return
+        assert loaded.image.mode == "RGB" and loaded.width >= 1 and loaded.height >= 1
+        pixels = np.asarray(loaded.image)
+        assert pixels.shape == (loaded.height, loaded.width, 3) and pixels.dtype == np.uint8
+        stats["accepted"] += 1
+
+    prop()
+    print(f"\nfuzz {fmt}: {stats}")
+    assert stats["refused"] > 0, stats
