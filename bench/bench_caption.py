@@ -106,6 +106,53 @@ def run_ours_cli(folder: Path, text: Path, mmproj: Path, out: Path, max_tokens: 
     return {"n": n, "wall": wall, "loop": None, "tokens": None}
 
 
+def paired_per_image(paths: list[Path], text: Path, mmproj: Path, max_tokens: int, threads: int, rounds: int) -> dict:
+    """Steady-state seconds per image, (a)'s engine path vs (b), alternating image by image in one process so that
+    load from other processes on a shared machine hits both alike. (a) here is what the batch loop does per image
+    once the prefetch thread has decoded it: `EngineCaptioner.caption`; the memo is off, so duplicates are redone
+    by the model (only their CLIP encode is cached)."""
+    import contextlib
+
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+    from llava_cli.captioning import EngineCaptioner
+    from llava_cli.engine import Engine
+    from llava_cli.images import load_image
+
+    engine = Engine(text, mmproj, n_ctx=2048, n_threads=threads, on_note=lambda m: None)
+    ours = EngineCaptioner(engine, model_name="bench", quantization="f16", max_tokens=max_tokens, temperature=0.0)
+    ours.deterministic = False  # measure the model path, not the duplicate memo
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+        handler = Llava15ChatHandler(clip_model_path=str(mmproj), verbose=False)
+        llm = Llama(
+            model_path=str(text), chat_handler=handler, n_ctx=2048, n_threads=threads, n_gpu_layers=0, verbose=False
+        )
+    ratios, t_a, t_b = [], 0.0, 0.0
+    for r in range(rounds):
+        engine.clear_image_cache()
+        for i, p in enumerate(paths):
+            order = ("a", "b") if (i + r) % 2 == 0 else ("b", "a")
+            took = {}
+            for who in order:
+                t0 = time.perf_counter()
+                if who == "a":
+                    ours.caption(load_image(p), PROMPT)  # decode included here, though the batch does it ahead
+                else:
+                    uri = "data:image/jpeg;base64," + base64.b64encode(p.read_bytes()).decode()
+                    content = [{"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": PROMPT}]
+                    llm.create_chat_completion(
+                        messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0.0
+                    )
+                took[who] = time.perf_counter() - t0
+            ratios.append(took["b"] / took["a"])
+            t_a += took["a"]
+            t_b += took["b"]
+    engine.close()
+    n = len(paths) * rounds
+    return {"a": t_a / n, "b": t_b / n, "median_ratio": sorted(ratios)[len(ratios) // 2], "pairs": n}
+
+
 def run_handler(paths: list[Path], text: Path, mmproj: Path, max_tokens: int, threads: int) -> dict:
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Llava15ChatHandler
@@ -196,6 +243,7 @@ def main() -> None:
     ap.add_argument("--per-process-images", type=int, default=6, help="images for (c), which is slow")
     ap.add_argument("--size", default="1024x768", help="photo size WxH")
     ap.add_argument("--repeat", type=int, default=3, help="runs of (a) and (b), interleaved; the median is shown")
+    ap.add_argument("--paired-rounds", type=int, default=2, help="rounds of the paired per-image comparison")
     ap.add_argument("--child", choices=["a", "b"], help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--text", help=argparse.SUPPRESS)
@@ -255,6 +303,11 @@ def main() -> None:
                 f"{tpi:>7} {ipm / anchor:>6.2f}x"
             )
         print(f"\nmedian of {args.repeat} interleaved runs for (a) and (b); one run for (c).")
+        paired = paired_per_image(photos, text, mmproj, args.max_tokens, args.threads, args.paired_rounds)
+        print(
+            f"paired, per image, same process, alternating ({paired['pairs']} pairs): (a) {paired['a']:.3f} s, "
+            f"(b) {paired['b']:.3f} s; median (b)/(a) = {paired['median_ratio']:.2f}x"
+        )
         print("wall / img/min: the whole process, start-up and model load included. loop img/min: after the model")
         print("is loaded. CPU s/img: user+sys CPU time of the process per image. tok/img: generated tokens per image.")
 
