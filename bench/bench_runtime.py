@@ -250,6 +250,26 @@ def child_hf(a: dict[str, Any]) -> dict[str, Any]:
 CHILDREN = {"ours": child_ours, "handler": child_handler, "hf": child_hf}
 
 
+def best_of(kind: str, args: dict[str, Any], repeat: int) -> dict[str, Any] | None:
+    """Run a child `repeat` times; keep each figure's best (shortest time, highest rate). Other work on a shared
+    machine only ever makes a run slower, so the best run is the closest to the machine's real speed."""
+    runs = [r for r in (spawn(kind, args) for _ in range(repeat)) if r is not None]
+    if not runs:
+        return None
+    best: dict[str, Any] = json.loads(json.dumps(runs[0]))
+    for r in runs[1:]:
+        best["load"] = min(best["load"], r["load"])
+        for section, values in r.items():
+            if not isinstance(values, dict):
+                continue
+            for k, v in values.items():
+                if k in ("ttft", "encode", "prefill"):
+                    best[section][k] = min(best[section][k], v)
+                elif k == "decode_tok_s":
+                    best[section][k] = max(best[section][k], v)
+    return best
+
+
 def spawn(kind: str, args: dict[str, Any]) -> dict[str, Any] | None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args["threads"])}
     proc = subprocess.run(
@@ -309,6 +329,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--tokens", type=int, default=32, help="tokens to generate per answer")
     ap.add_argument("--no-tune", action="store_true", help="skip the tuning grid")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per configuration; the best figures are kept")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -318,7 +339,10 @@ def main() -> None:
         return
 
     pics = [str(p) for p in images()]
-    report = [f"threads: {a.threads}, tokens per answer: {a.tokens}, image: 336×336 cat (examples/make_cat.py)"]
+    report = [
+        f"threads: {a.threads}, tokens per answer: {a.tokens}, best of {a.repeat} runs, "
+        "image: 336×336 cat (examples/make_cat.py)"
+    ]
     for size in a.sizes.split(","):
         files = prepare(size)
         text_m, vision_m = n_params(files)
@@ -336,10 +360,10 @@ def main() -> None:
         ]
         for name, kind, extra in runs:
             print(f"[{size}] {name}...", file=sys.stderr, flush=True)
-            rows.append((name, spawn(kind, {**common, **extra})))
+            rows.append((name, best_of(kind, {**common, **extra}, a.repeat)))
         if not a.no_hf:
             print(f"[{size}] transformers...", file=sys.stderr, flush=True)
-            rows.append(("transformers fp32", spawn("hf", {**common, "ckpt": str(files["ckpt"])})))
+            rows.append(("transformers fp32", best_of("hf", {**common, "ckpt": str(files["ckpt"])}, a.repeat)))
         title = f"{size}: text {text_m:.1f} M + vision {vision_m:.1f} M parameters"
         report.append(table(title, rows))
         print(report[-1], flush=True)
@@ -358,7 +382,7 @@ def main() -> None:
                 tune_rows.append(
                     (
                         f"F16, mmproj F32, batch {g['n_batch']}/{g['n_ubatch']}, fa {g['flash_attn']}",
-                        spawn("ours", pair),
+                        best_of("ours", pair, a.repeat),
                     )
                 )
             report.append(table(f"{size}: tuning (ours, F16 text)", tune_rows))
