@@ -726,6 +726,8 @@ class Conversation:
     ) -> Answer:
         """Add a user turn (text + images), generate the answer, stream it through ``on_token``."""
         eng = self.engine
+        if not eng._ctx:
+            raise UsageError("this engine is closed", hint="create a new Engine")
         t_start = time.perf_counter()
         timings = Timings()
         notes: list[str] = []

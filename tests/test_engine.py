@@ -227,3 +227,12 @@ def test_q4_k_m_runs(tiny256_checkpoint, tmp_path: Path) -> None:  # type: ignor
         img.save(buf, "WEBP")
         a = eng.ask("What is this?", [buf], max_tokens=8, temperature=0)
         assert a.completion_tokens > 0
+
+
+def test_closed_engine_refuses_politely(tiny_pair_f32) -> None:  # type: ignore[no-untyped-def]
+    eng = Engine(tiny_pair_f32.text_path, tiny_pair_f32.mmproj_path, n_ctx=1024)
+    chat = eng.chat()
+    eng.close()
+    eng.close()  # twice is fine
+    with pytest.raises(UsageError, match="closed"):
+        chat.ask("Hi")
