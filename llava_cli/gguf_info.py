@@ -22,7 +22,8 @@ from llava_cli.errors import InputNotFoundError, ModelFileError
 GGUF_MAGIC = b"GGUF"
 TEXT_ARCHITECTURES = ("llama",)  # LLaVA-1.5 (Vicuna) and BakLLaVA (Mistral) both run as llama.cpp's `llama`
 MMPROJ_ARCHITECTURE = "clip"
-PROJECTOR_TYPES = ("mlp",)  # LLaVA-1.5's two-layer MLP projector
+PROJECTOR_TYPES = ("mlp",)
+LLAMA_MAX_LAYERS = 512  # llama.cpp's src/llama-hparams.h  # LLaVA-1.5's two-layer MLP projector
 
 Kind = Literal["text", "mmproj"]
 _V = gguf.GGUFValueType
@@ -297,6 +298,17 @@ def _text_info(
     n_head = int(meta[gguf.Keys.Attention.HEAD_COUNT.format(arch=arch)])
     if n_head == 0 or n_embd % n_head:
         raise ModelFileError(f"{path}: embedding size {n_embd} is not divisible by {n_head} heads")
+    n_layer = int(meta[gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)])
+    if not 1 <= n_layer <= LLAMA_MAX_LAYERS:
+        # llama.cpp GGML_ASSERTs this in load_hparams: the whole process aborts.
+        raise ModelFileError(f"{path}: block count {n_layer} is outside 1..{LLAMA_MAX_LAYERS}", hint="convert it again")
+    n_head_kv = int(meta.get(gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), n_head))
+    if n_head_kv == 0 or n_head % n_head_kv:
+        raise ModelFileError(f"{path}: {n_head} attention heads cannot share {n_head_kv} key/value heads")
+    for key in (gguf.Keys.LLM.EXPERT_COUNT, gguf.Keys.LLM.EXPERT_USED_COUNT, "{arch}.nextn_predict_layers"):
+        # Experts and next-token-prediction layers are asserted against the block count; LLaVA has neither.
+        if meta.get(key.format(arch=arch)):
+            raise ModelFileError(f"{path} has '{key.format(arch=arch)}': not a LLaVA-1.5 / BakLLaVA text model")
     return GGUFInfo(
         path=path,
         kind="text",
@@ -304,9 +316,9 @@ def _text_info(
         name=meta.get(gguf.Keys.General.NAME),
         file_type=_file_type_name(meta),
         n_embd=n_embd,
-        n_layer=int(meta[gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)]),
+        n_layer=n_layer,
         n_head=n_head,
-        n_head_kv=int(meta.get(gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), n_head)),
+        n_head_kv=n_head_kv,
         n_ctx_train=int(meta[gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=arch)]),
         n_vocab=n_vocab,
         n_ff=int(meta[gguf.Keys.LLM.FEED_FORWARD_LENGTH.format(arch=arch)]),

@@ -51,8 +51,26 @@ class CliResult:
         return [line for line in self.stderr.splitlines() if line.strip()]
 
 
-def _child(argv: list[str], env: dict[str, str], cwd: str, files: tuple[str, str, str]) -> None:
-    """Body of a forked child: the CLI's `main` with its own fds, exiting with main's code."""
+def _child(
+    argv: list[str], env: dict[str, str], cwd: str, files: tuple[str, str, str], tensor_delay: float = 0.0
+) -> None:
+    """Body of a forked child: the CLI's `main` with its own fds, exiting with main's code.
+
+    ``tensor_delay`` sleeps before each checkpoint tensor is read: it only widens the window in which an interrupt
+    test's signal lands mid-write (a tiny model converts in 0.05 s); the code that handles the signal is unchanged.
+    """
+    if tensor_delay:
+        import time
+
+        from quantize.checkpoint import Checkpoint
+
+        read = Checkpoint.read
+
+        def slow_read(self: Checkpoint, name: str) -> np.ndarray:
+            time.sleep(tensor_delay)
+            return read(self, name)
+
+        Checkpoint.read = slow_read  # type: ignore[method-assign]
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -97,31 +115,64 @@ def _context() -> multiprocessing.context.ForkServerContext:
     return _CONTEXT
 
 
-def run_cli(
-    argv: list[str], work: Path, *, stdin: str = "", timeout: float = 120, env: dict[str, str] | None = None
-) -> CliResult:
-    """Run ``llava <argv>`` in a fresh forked process; return its exit code and output."""
+class Spawned:
+    """A CLI process started by `spawn_cli`, still running."""
+
+    def __init__(self, proc: multiprocessing.process.BaseProcess, names: tuple[Path, Path, Path], argv: list[str]):
+        self.proc, self.names, self.argv = proc, names, argv
+
+    @property
+    def pid(self) -> int:
+        assert self.proc.pid is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout: float = 120) -> CliResult:
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+            raise AssertionError(f"llava {' '.join(self.argv)} did not finish in {timeout}s")
+        assert self.proc.exitcode is not None
+        return CliResult(
+            self.proc.exitcode,
+            self.names[1].read_text(errors="replace"),
+            self.names[2].read_text(errors="replace"),
+        )
+
+
+def spawn_cli(
+    argv: list[str],
+    work: Path,
+    *,
+    stdin: str = "",
+    env: dict[str, str] | None = None,
+    tensor_delay: float = 0.0,
+    tag: str = "",
+) -> Spawned:
+    """Start ``llava <argv>`` in a fresh forked process and return at once."""
     work.mkdir(parents=True, exist_ok=True)
-    names = (work / ".stdin", work / ".stdout", work / ".stderr")
+    names = (work / f".stdin{tag}", work / f".stdout{tag}", work / f".stderr{tag}")
     names[0].write_text(stdin)
     names[1].write_bytes(b"")
     names[2].write_bytes(b"")
     child_env = {**os.environ, **(env or {}), "COLUMNS": "200", "NO_COLOR": "1"}
-    proc = _context().Process(
-        target=_child, args=(argv, child_env, str(work), tuple(str(n) for n in names)), daemon=False
-    )
+    args = (argv, child_env, str(work), tuple(str(n) for n in names), tensor_delay)
+    proc = _context().Process(target=_child, args=args, daemon=False)
     proc.start()
-    proc.join(timeout)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-        raise AssertionError(f"llava {' '.join(argv)} did not finish in {timeout}s")
-    assert proc.exitcode is not None
-    return CliResult(
-        proc.exitcode,
-        names[1].read_text(errors="replace"),
-        names[2].read_text(errors="replace"),
-    )
+    return Spawned(proc, names, argv)
+
+
+def run_cli(
+    argv: list[str], work: Path, *, stdin: str = "", timeout: float = 120, env: dict[str, str] | None = None
+) -> CliResult:
+    """Run ``llava <argv>`` in a fresh forked process; return its exit code and output."""
+    return spawn_cli(argv, work, stdin=stdin, env=env).wait(timeout)
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -210,6 +261,20 @@ def _tensor_field(role: str, index: int, part: int, value: int) -> Callable[[Sou
     return build
 
 
+def _kv_value(role: str, key: str, value: int) -> Callable[[Sources, Path], Path]:
+    """Overwrite the (32-bit) value of KV `key`: a header that parses and whose numbers lie."""
+
+    def build(src: Sources, folder: Path) -> Path:
+        good = src.text if role == "text" else src.mmproj
+        field = gguf.GGUFReader(good).fields[key]
+        at = int(field.offset) + sum(int(p.nbytes) for p in field.parts[:-1])
+        data = bytearray(good.read_bytes())
+        data[at : at + 4] = struct.pack("<I", value)
+        return _write(folder / good.name, bytes(data))
+
+    return build
+
+
 def _swapped(role: str) -> Callable[[Sources, Path], Path]:
     """The other file of the pair, under a name that fits the role it is given in."""
 
@@ -268,6 +333,10 @@ def _gguf_cases() -> list[Case]:
         # Well-formed headers whose tensor table lies: ggml's loader refuses these, so must we.
         Case("text-tensor-offset-overlaps", "text", _tensor_field("text", 3, 5, 0), r"corrupt: tensor .* offset"),
         Case("mmproj-tensor-dim-shrunk", "mmproj", _tensor_field("mmproj", 5, 3, 1), r"corrupt|blocks"),
+        # llama.cpp GGML_ASSERTs 0 < block_count <= 512 in load_hparams: an abort, not an error, if it gets there.
+        Case("text-block-count-huge", "text", _kv_value("text", "llama.block_count", 33_554_434), r"block count"),
+        Case("text-block-count-zero", "text", _kv_value("text", "llama.block_count", 0), r"block count"),
+        Case("text-kv-heads-zero", "text", _kv_value("text", "llama.attention.head_count_kv", 0), r"key/value heads"),
         Case("mmproj-given-as-text", "text", _swapped("text"), r"projector \(mmproj\), not a (LLaVA )?text model"),
         Case("text-given-as-mmproj", "mmproj", _swapped("mmproj"), r"text model, not a vision projector"),
         Case("text-other-architecture", "text", _other_architecture, r"'qwen2' model; llava-cli runs LLaVA"),
@@ -331,6 +400,15 @@ def _tiff_frames() -> bytes:
 
 
 @functools.cache
+@functools.cache
+def _tiff_bad_ifd() -> bytes:
+    """A TIFF whose first directory claims 7 entries, so the width/height tags are cut off (found by the fuzzer)."""
+    data = bytearray(_tiff_frames())
+    (ifd,) = struct.unpack("<I", data[4:8])
+    data[ifd] = 7
+    return bytes(data)
+
+
 def _tiny() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (1, 1), (200, 30, 30)).save(buf, "PNG")
@@ -350,6 +428,7 @@ def _image_cases() -> list[Case]:
         Case("image-text-as-png", "image", _img("notes.png", lambda: b"shopping: milk, eggs\n"), r"not an image"),
         Case("image-decompression-bomb", "image", _img("bomb.png", _bomb), r"decompression-bomb"),
         Case("image-header-bomb", "image", _img("claims.png", _header_bomb), r"decompression-bomb"),
+        Case("image-tiff-bad-directory", "image", _img("broken.tiff", _tiff_bad_ifd), r"truncated|corrupt"),
         Case("image-1x1", "image", _img("dot.png", _tiny), "", valid=True),
         Case("image-16-bit-png", "image", _img("deep.png", _png16), "", valid=True),
         Case("image-multi-frame-tiff", "image", _img("frames.tiff", _tiff_frames), "", valid=True),

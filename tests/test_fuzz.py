@@ -63,6 +63,8 @@ def _mutations(size: int, header_end: int) -> st.SearchStrategy[list[tuple]]:
 def _apply(data: bytes, mutations: list[tuple]) -> bytes:
     buf = bytearray(data)
     for m in mutations:
+        if not buf:
+            break
         kind, off = m[0], min(m[1], max(0, len(buf) - 1))
         if kind == "byte":
             buf[off] = m[2]
