@@ -23,7 +23,18 @@ GGUF_MAGIC = b"GGUF"
 TEXT_ARCHITECTURES = ("llama",)  # LLaVA-1.5 (Vicuna) and BakLLaVA (Mistral) both run as llama.cpp's `llama`
 MMPROJ_ARCHITECTURE = "clip"
 PROJECTOR_TYPES = ("mlp",)
-LLAMA_MAX_LAYERS = 512  # llama.cpp's src/llama-hparams.h  # LLaVA-1.5's two-layer MLP projector
+LLAMA_MAX_LAYERS = 512
+_TEXT_LAYER_TENSORS = (
+    "attn_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+)  # llama.cpp's src/llama-hparams.h  # LLaVA-1.5's two-layer MLP projector
 
 Kind = Literal["text", "mmproj"]
 _V = gguf.GGUFValueType
@@ -260,6 +271,23 @@ def _check_types(reader: gguf.GGUFReader, path: Path, keys: dict[str, _V], requi
             )
 
 
+def _check_byte_tokens(reader: gguf.GGUFReader, path: Path, tokens: Any) -> None:
+    """Byte-fallback tokens must read ``<0xHH>``: llama.cpp parses them with substr and throws on anything else."""
+    types = reader.fields.get(gguf.Keys.Tokenizer.TOKEN_TYPE)
+    if types is None:
+        return
+    if len(types.data) != len(tokens.data):
+        raise ModelFileError(
+            f"{path} has {len(tokens.data)} tokens but {len(types.data)} token types", hint="convert it again"
+        )
+    byte_type = int(gguf.TokenType.BYTE)
+    for i, (t_idx, s_idx) in enumerate(zip(types.data, tokens.data, strict=True)):
+        if int(types.parts[t_idx][0]) == byte_type:
+            text = bytes(tokens.parts[s_idx])
+            if len(text) != 6 or not text.startswith(b"<0x") or not text.endswith(b">"):
+                raise ModelFileError(f"{path}: byte token {i} reads {text!r}, not <0xHH>", hint="convert it again")
+
+
 def _file_type_name(metadata: Mapping[str, Any]) -> str | None:
     value = metadata.get(gguf.Keys.General.FILE_TYPE)
     if value is None:
@@ -286,6 +314,7 @@ def _text_info(
     if tokens is None or reader.fields.get(gguf.Keys.Tokenizer.MODEL) is None:
         raise ModelFileError(f"{path} has no tokenizer (tokenizer.ggml.tokens/model)", hint="convert it again")
     n_vocab = len(tokens.data)
+    _check_byte_tokens(reader, path, tokens)
     n_embd = int(meta[gguf.Keys.LLM.EMBEDDING_LENGTH.format(arch=arch)])
     emb = next((t for t in tensors if t.name == "token_embd.weight"), None)
     if emb is None:
@@ -302,6 +331,14 @@ def _text_info(
     if not 1 <= n_layer <= LLAMA_MAX_LAYERS:
         # llama.cpp GGML_ASSERTs this in load_hparams: the whole process aborts.
         raise ModelFileError(f"{path}: block count {n_layer} is outside 1..{LLAMA_MAX_LAYERS}", hint="convert it again")
+    names = {t.name for t in tensors}
+    for i in range(n_layer):
+        # llama.cpp refuses these too, but only after mapping the file, and with a less helpful message.
+        for part in _TEXT_LAYER_TENSORS:
+            if f"blk.{i}.{part}.weight" not in names:
+                raise ModelFileError(f"{path} lacks tensor 'blk.{i}.{part}.weight'", hint="convert it again")
+    if "output_norm.weight" not in names:
+        raise ModelFileError(f"{path} lacks tensor 'output_norm.weight'", hint="convert it again")
     n_head_kv = int(meta.get(gguf.Keys.Attention.HEAD_COUNT_KV.format(arch=arch), n_head))
     if n_head_kv == 0 or n_head % n_head_kv:
         raise ModelFileError(f"{path}: {n_head} attention heads cannot share {n_head_kv} key/value heads")

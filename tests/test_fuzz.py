@@ -3,10 +3,11 @@
 A valid tiny GGUF (text model or mmproj) is mutated in its header (bytes, 32/64-bit fields set to edge values,
 deletions, insertions, truncation) or its weights; `read_gguf` must either refuse it with a one-line
 `ModelFileError` naming the file, or accept it — and then llama.cpp, in a forked child, loads it and answers one
-token about an image, or refuses with a clear `LlavaError`: never a crash. Same for images through `load_image`:
-an RGB picture or an `ImageError`, nothing else.
+token about an image. Never a crash, and never a file the validator passes that llama.cpp then refuses.
+Same for images through `load_image`: an RGB picture or an `ImageError`, nothing else.
 
-The number of examples is bounded for CI (``LLAVA_FUZZ_EXAMPLES`` raises it for a long local run).
+The number of examples is bounded for CI, with fixed examples (derandomized); ``LLAVA_FUZZ_EXAMPLES=N`` runs N
+random examples per target for a long local run.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ EXAMPLES = int(os.environ.get("LLAVA_FUZZ_EXAMPLES", "0")) or None
 def _fuzz(default_examples: int) -> settings:
     return settings(
         max_examples=EXAMPLES or default_examples,
+        # CI runs the same examples every time (a failure is reproducible); a long local run explores.
+        derandomize=EXAMPLES is None,
         deadline=None,
         database=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
@@ -111,19 +114,16 @@ def _check_mutant(role: str, pair, mutant_bytes: bytes, image: Path, stats: dict
         code, outcome, llama_log = load_in_child(text, mmproj, image, Path(tmp) / "child")
         assert code >= 0, f"llama.cpp crashed (signal {-code}) on a file read_gguf accepted:\n{llama_log[-3000:]}"
         assert code == 0 and outcome, f"the child failed without a LlavaError (exit {code}):\n{llama_log[-3000:]}"
-        if outcome["ok"]:
-            stats["loaded"] += 1
-        else:
-            assert "\n" not in outcome["error"], outcome
-            stats["refused_by_llama"] += 1
-            print(f"\n  llama.cpp refused what read_gguf accepted: {outcome['error']}")
+        # Accepted means usable: a file llama.cpp then refuses (even politely) is a gap in the validator.
+        assert outcome["ok"], f"read_gguf accepted a file llama.cpp refuses: {outcome}"
+        stats["loaded"] += 1
 
 
 @pytest.mark.parametrize("role", ["text", "mmproj"])
 def test_mutated_gguf_is_refused_or_loads(role: str, tiny_pair_f16, fuzz_image: Path) -> None:  # type: ignore[no-untyped-def]
     good = Path(tiny_pair_f16.text_path if role == "text" else tiny_pair_f16.mmproj_path)
     data = good.read_bytes()
-    stats = {"refused": 0, "loaded": 0, "refused_by_llama": 0}
+    stats = {"refused": 0, "loaded": 0}
 
     @_fuzz(150)
     @given(_mutations(len(data), _data_offset(good)))
