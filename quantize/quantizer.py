@@ -31,7 +31,6 @@ import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -266,9 +265,21 @@ def predict_size(info: GGUFInfo, qtype: QuantType) -> int:
 # ---------------------------------------------------------------------------------------- the child process
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this worker when `llava quantize` dies (kill -9 included), so llama.cpp does not
+    go on writing a temp file for minutes. Linux only (prctl PR_SET_PDEATHSIG); elsewhere the worker finishes."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() != parent_pid:  # the parent was already gone before prctl took effect
+        os._exit(1)
+
+
 def _worker_main() -> None:
     """Entry point of the child: quantize argv[1]'s JSON job, log to stdout, exit with llama.cpp's status."""
     job = json.loads(sys.argv[1])
+    _die_with_parent(job["parent"])
     import llama_cpp  # imported here: the parent never loads libllama just to quantize
 
     out = sys.stdout.buffer
@@ -324,6 +335,7 @@ def _run_llama_quantize(
     `final` is the name `dst` will be renamed to, for messages (dst itself is a hidden temporary name).
     """
     job = {
+        "parent": os.getpid(),
         "src": str(src),
         "dst": str(dst),
         "ftype": int(qtype.ftype),
@@ -543,14 +555,13 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def _checkpoint_elements(path: Path) -> int:
-    """Parameter count of a safetensors checkpoint, from the file headers (no weights read)."""
-    n = 0
-    for f in sorted(path.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-        n += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-    return n
+    """Parameter count of a checkpoint, from its validated safetensors headers (no weights read).
+
+    Goes through `open_checkpoint` so a corrupt header is the converter's one-line CheckpointError, not a
+    MemoryError from a 2^50-byte header length."""
+    from quantize.checkpoint import open_checkpoint
+
+    return sum(ref.n_elements for ref in open_checkpoint(path).tensors.values())
 
 
 def _catalog_checkpoint(model_id: str) -> Path:

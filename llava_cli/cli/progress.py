@@ -20,7 +20,8 @@ from rich.progress import (
 
 ProgressFn = Callable[[int, int], None]
 
-stderr = Console(stderr=True)
+# soft_wrap: a message line (a path, an error) is never hard-wrapped at 80 columns in a log file.
+stderr = Console(stderr=True, soft_wrap=True)
 
 
 @contextlib.contextmanager
