@@ -62,6 +62,7 @@ GpuLayers = int | Literal["auto", "all"]
 class _LogCapture:
     def __init__(self) -> None:
         self.lines: deque[str] = deque(maxlen=300)
+        self.total = 0  # lines ever kept: a mark must stay valid after the deque starts dropping old lines
         self.verbose = False
         self._partial = ""
         self._lock = threading.Lock()
@@ -84,7 +85,9 @@ class _LogCapture:
             with self._lock:
                 s = self._partial + s
                 *done, self._partial = s.split("\n")
-                self.lines.extend(line for line in done if line.strip())
+                kept = [line for line in done if line.strip()]
+                self.lines.extend(kept)
+                self.total += len(kept)
 
         self._callback = callback  # keep a reference: ctypes does not
         llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
@@ -93,14 +96,17 @@ class _LogCapture:
         self._installed = True
 
     def mark(self) -> int:
-        return len(self.lines)
+        return self.total
 
     def reason(self, since: int = 0) -> str:
-        """The most telling log line since `since`: the last error-looking one, else the last one."""
-        lines = list(self.lines)[since:] if since <= len(self.lines) else list(self.lines)
+        """The most telling log line since `since`: the first error-looking one, else the last one."""
+        new = self.total - since
+        lines = list(self.lines)[-new:] if new > 0 else []
         if self._partial.strip():
             lines.append(self._partial)
-        for line in reversed(lines):
+        # The first error line is the specific one ("error loading model: <why>"); later ones are generic
+        # ("failed to load model").
+        for line in lines:
             low = line.lower()
             if any(w in low for w in ("error", "failed", "invalid", "wrong", "cannot", "unable", "not supported")):
                 return line.strip()

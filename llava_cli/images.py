@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import re
 import sys
@@ -20,6 +21,10 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from llava_cli.errors import ImageError, InputNotFoundError
+
+# Pillow logs decoder complaints ("More samples per pixel than can be decoded") through `logging`; with no handler
+# configured, Python prints them to stderr as extra lines. A corrupt image is reported once, as an ImageError.
+logging.getLogger("PIL").addHandler(logging.NullHandler())
 
 # Images above this many pixels are refused before any pixel is decoded (decompression-bomb guard). 100 MP is a
 # 10000×10000 picture: far beyond what a 336×336 encoder needs, and ~300 MB of RGB once decoded.
@@ -104,8 +109,9 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
     notes: list[str] = []
     try:
         with warnings.catch_warnings():
-            # Pillow only warns between its own limit and twice that; we decide with our own limit below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pillow only warns between its own limit and twice that; we decide with our own limit below. Its
+            # other warnings ("Corrupt EXIF data", ...) would be extra stderr lines: the outcome is what counts.
+            warnings.simplefilter("ignore")
             img: Image.Image = Image.open(io.BytesIO(data))
             width, height = img.size
             if width * height > max_pixels:
@@ -119,6 +125,9 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
                 img.seek(0)
             img.load()
             img = ImageOps.exif_transpose(img) or img
+            if img.width == 0 or img.height == 0:
+                raise ImageError(f"{name} has no pixels ({img.width}×{img.height})")
+            rgb = _to_rgb(img, notes)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -137,9 +146,13 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
         # Pillow reports truncated or corrupt pixel data as OSError ("image file is truncated", "broken data
         # stream"), SyntaxError (bad PNG chunk) or ValueError depending on the plugin.
         raise ImageError(f"{name} is truncated or corrupt ({exc})", hint="re-export or re-download it") from exc
-    if img.width == 0 or img.height == 0:
-        raise ImageError(f"{name} has no pixels ({img.width}×{img.height})")
-    return _to_rgb(img, notes), notes
+    except Exception as exc:
+        # Pillow's plugins raise whatever their parser hits on a corrupt file (TypeError('Missing dimensions')
+        # from a TIFF directory, struct.error, IndexError...): still a corrupt image, not a bug of ours.
+        raise ImageError(
+            f"{name} is corrupt ({type(exc).__name__}: {exc})", hint="re-export or re-download it"
+        ) from exc
+    return rgb, notes
 
 
 def load_image(source: str | os.PathLike[str] | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
