@@ -140,17 +140,11 @@ def _quant_workers(out: Path) -> list[int]:
     return pids
 
 
-_ORPHAN = (
-    "quantize/quantizer.py _run_llama_quantize starts the llama.cpp worker with start_new_session=True and nothing "
-    "ties it to its parent: after a SIGKILL of `llava quantize` it runs on to the end, writing its temp file"
-)
-
-
 @pytest.mark.parametrize(
     "sig",
     [
         pytest.param(signal.SIGINT, id="SIGINT"),
-        pytest.param(signal.SIGKILL, id="SIGKILL", marks=pytest.mark.xfail(strict=True, reason=_ORPHAN)),
+        pytest.param(signal.SIGKILL, id="SIGKILL"),
     ],
 )
 def test_quantize_interrupted_keeps_the_previous_files(sig: int, quantize_source: Path, tmp_path: Path) -> None:
