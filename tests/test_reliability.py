@@ -35,37 +35,8 @@ COMMANDS = {
 # tokenizer are not its business, so only the config cases apply to it.
 VRAM_CHECKPOINT_CASES = ("ckpt-config-not-json", "ckpt-config-missing")
 
-# Failures found by this table whose fix belongs to a file another engineer is still editing (see
-# docs/reliability.md). strict: the day the fix lands these XPASS and fail, so the mark must come off.
-_CAPTION_WRAP = (
-    "llava_cli/cli/caption.py on_record prints 'failed: <error>' through the shared progress console, which "
-    "hard-wraps at 80 columns when stderr is not a terminal: the file name is split over lines in a log"
-)
-_QUANTIZE_HEADER = (
-    "quantize/quantizer.py _checkpoint_elements parses the safetensors header itself (json.loads(fh.read(n))) "
-    "before the checkpoint is validated: MemoryError / JSONDecodeError become 'internal error'"
-)
-_TIFF_TYPEERROR = (
-    "llava_cli/images.py decode_image: Pillow raises TypeError('Missing dimensions') from img.n_frames on a TIFF "
-    "whose directory lacks width/height; only OSError/SyntaxError/ValueError/EOFError become ImageError, so it is "
-    "an 'internal error' (and Pillow's UserWarnings reach stderr)"
-)
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    **{(case.id, "caption"): _CAPTION_WRAP for case in CASES.values() if case.family == "image" and not case.valid},
-    **{("image-tiff-bad-directory", command): _TIFF_TYPEERROR for command in ("run", "chat", "caption")},
-    ("ckpt-header-length-absurd", "quantize"): _QUANTIZE_HEADER,
-    ("ckpt-header-not-json", "quantize"): _QUANTIZE_HEADER,
-}
-
 TABLE = [
-    pytest.param(
-        case.id,
-        command,
-        id=f"{case.id}-{command}",
-        marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[case.id, command])]
-        if (case.id, command) in KNOWN_FAILURES
-        else [],
-    )
+    pytest.param(case.id, command, id=f"{case.id}-{command}")
     for case in CASES.values()
     for command in COMMANDS[case.family]
     if not (command == "vram-check" and case.family == "checkpoint" and case.id not in VRAM_CHECKPOINT_CASES)
