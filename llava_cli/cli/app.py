@@ -68,7 +68,7 @@ def make_app() -> typer.Typer:
 app = make_app()
 
 # Typer >= 0.20 vendors its own copy of click; take the exception classes from whichever click Typer uses.
-_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_ClickException: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
 def _fail(message: str, hint: str | None, code: int) -> int:
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         code = exc.exit_code
     except _ClickException as exc:  # bad flags: click prints usage + message
-        exc.show()
-        code = exc.exit_code
+        exc.show()  # type: ignore[attr-defined]
+        code = exc.exit_code  # type: ignore[attr-defined]
     except (KeyboardInterrupt, typer.Abort):
         code = _fail("interrupted", None, 130)
     except LlavaError as exc:
