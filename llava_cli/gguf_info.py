@@ -9,7 +9,9 @@ Each failure is a one-line `ModelFileError` naming the file.
 
 from __future__ import annotations
 
+import mmap
 import os
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +135,7 @@ def read_gguf(path: str | os.PathLike[str], expect: Kind | None = None) -> GGUFI
         raise ModelFileError(f"{path} is empty (0 bytes)", hint="download or convert it again")
     if magic != GGUF_MAGIC:
         raise ModelFileError(f"{path} is not a GGUF file (bad magic {magic!r})")
+    _prescan(path, size)
     try:
         reader = gguf.GGUFReader(path, "r")
     except Exception as exc:  # the reader raises ValueError/IndexError/KeyError/... on corrupt headers
@@ -169,6 +172,79 @@ def read_gguf(path: str | os.PathLike[str], expect: Kind | None = None) -> GGUFI
             hint="pass it as --model and the mmproj-*.gguf file as --mmproj",
         )
     return info
+
+
+# Byte sizes of GGUF scalar value types (GGUFValueType order: UINT8 .. FLOAT64; 8 = STRING, 9 = ARRAY).
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+
+
+def _prescan(path: Path, size: int) -> None:
+    """Walk the KV and tensor-info sections with every count bounded by the bytes left in the file.
+
+    The ``gguf`` reader loops over an array's declared length element by element, so one corrupted length (2^31)
+    makes it build billions of empty views: gigabytes of memory and minutes before it fails. This walk does no
+    allocation per element and refuses such a length at once.
+    """
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        pos = 0
+
+        def fail(what: str) -> ModelFileError:
+            return ModelFileError(
+                f"{path} is truncated or corrupt ({what} at byte {pos:,} of {size:,})",
+                hint="download or convert it again",
+            )
+
+        def take(n: int, what: str) -> int:
+            nonlocal pos
+            if n < 0 or pos + n > size:
+                raise fail(what)
+            start, pos = pos, pos + n
+            return start
+
+        def u32(what: str) -> int:
+            return int(struct.unpack_from("<I", mm, take(4, what))[0])
+
+        def u64(what: str) -> int:
+            return int(struct.unpack_from("<Q", mm, take(8, what))[0])
+
+        def value(vtype: int, depth: int) -> None:
+            if vtype in _SCALAR_SIZES:
+                take(_SCALAR_SIZES[vtype], "value")
+            elif vtype == _STRING:
+                take(u64("string length"), "string longer than the file")
+            elif vtype == _ARRAY and depth < 2:
+                itype, count = u32("array type"), u64("array length")
+                if itype in _SCALAR_SIZES:
+                    take(count * _SCALAR_SIZES[itype], f"array of {count:,} items longer than the file")
+                elif itype in (_STRING, _ARRAY):
+                    if count > (size - pos) // 8:
+                        raise fail(f"array of {count:,} items longer than the file")
+                    for _ in range(count):
+                        value(itype, depth + 1)
+                else:
+                    raise fail(f"unknown array item type {itype}")
+            else:
+                raise fail(f"unknown value type {vtype}")
+
+        if size < 24:
+            raise fail("header cut short")
+        take(4, "magic")
+        version = u32("version")
+        if version not in (2, 3):
+            raise fail(f"unsupported GGUF version {version}")
+        n_tensors, n_kv = u64("tensor count"), u64("key count")
+        if n_kv > size // 12 or n_tensors > size // 32:
+            raise fail(f"{n_kv:,} keys / {n_tensors:,} tensors cannot fit")
+        for _ in range(n_kv):
+            take(u64("key length"), "key longer than the file")
+            value(u32("value type"), 0)
+        for _ in range(n_tensors):
+            take(u64("tensor name length"), "tensor name longer than the file")
+            n_dims = u32("dimension count")
+            if not 1 <= n_dims <= 4:
+                raise fail(f"a tensor with {n_dims} dimensions")
+            take(8 * n_dims + 4 + 8, "tensor info")
 
 
 def check_pair(text: GGUFInfo, mmproj: GGUFInfo) -> None:

@@ -275,6 +275,20 @@ def _kv_value(role: str, key: str, value: int) -> Callable[[Sources, Path], Path
     return build
 
 
+def _array_length(role: str, key: str, value: int) -> Callable[[Sources, Path], Path]:
+    """Overwrite the declared length of array KV `key` (the gguf reader loops over it element by element)."""
+
+    def build(src: Sources, folder: Path) -> Path:
+        good = src.text if role == "text" else src.mmproj
+        field = gguf.GGUFReader(good).fields[key]
+        at = int(field.offset) + sum(int(p.nbytes) for p in field.parts[:4])  # key len, key, type, item type
+        data = bytearray(good.read_bytes())
+        data[at : at + 8] = struct.pack("<Q", value)
+        return _write(folder / good.name, bytes(data))
+
+    return build
+
+
 def _swapped(role: str) -> Callable[[Sources, Path], Path]:
     """The other file of the pair, under a name that fits the role it is given in."""
 
@@ -333,6 +347,10 @@ def _gguf_cases() -> list[Case]:
         # Well-formed headers whose tensor table lies: ggml's loader refuses these, so must we.
         Case("text-tensor-offset-overlaps", "text", _tensor_field("text", 3, 5, 0), r"corrupt: tensor .* offset"),
         Case("mmproj-tensor-dim-shrunk", "mmproj", _tensor_field("mmproj", 5, 3, 1), r"corrupt|blocks"),
+        # Found by the fuzzer: the gguf reader loops over an array length element by element (the mmproj one took
+        # >11 GB and minutes before this was refused up front).
+        Case("text-array-length-huge", "text", _array_length("text", "tokenizer.ggml.token_type", 2**31), r"corrupt"),
+        Case("mmproj-array-length-huge", "mmproj", _array_length("mmproj", "clip.vision.image_mean", 2**31), "corrupt"),
         # llama.cpp GGML_ASSERTs 0 < block_count <= 512 in load_hparams: an abort, not an error, if it gets there.
         Case("text-block-count-huge", "text", _kv_value("text", "llama.block_count", 33_554_434), r"block count"),
         Case("text-block-count-zero", "text", _kv_value("text", "llama.block_count", 0), r"block count"),
