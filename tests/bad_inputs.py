@@ -27,6 +27,7 @@ import struct
 import sys
 import zlib
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -300,18 +301,29 @@ def _swapped(role: str) -> Callable[[Sources, Path], Path]:
     return build
 
 
-def _other_architecture(src: Sources, folder: Path) -> Path:
-    """The tiny text model relabelled as a Qwen2 model: a well-formed GGUF llama.cpp would load, not LLaVA."""
-    reader = gguf.GGUFReader(src.text)
-    out = folder / src.text.name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(out, "qwen2")
+def rewrite_gguf(
+    src: Path,
+    dst: Path,
+    *,
+    arch: str | None = None,
+    drop: AbstractSet[str] = frozenset(),
+    retype: dict[str, gguf.GGUFValueType] | None = None,
+) -> Path:
+    """Copy a GGUF through the writer, optionally relabelling its architecture (its `<arch>.` keys follow), dropping
+    keys, or rewriting keys with another value type: what a buggy or foreign converter writes."""
+    reader = gguf.GGUFReader(src)
+    old_arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+    arch = arch or old_arch
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(dst, arch)
     for name, f in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
+        if name.startswith("GGUF.") or name == "general.architecture" or name in drop:
             continue
-        key = "qwen2." + name.removeprefix("llama.") if name.startswith("llama.") else name
+        key = f"{arch}." + name.removeprefix(f"{old_arch}.") if name.startswith(f"{old_arch}.") else name
         vtype = f.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
+        if retype and name in retype:
+            writer.add_key_value(key, f.contents(), retype[name])
+        elif vtype == gguf.GGUFValueType.ARRAY:
             writer.add_key_value(key, f.contents(), vtype, sub_type=f.types[-1])
         else:
             writer.add_key_value(key, f.contents(), vtype)
@@ -321,7 +333,12 @@ def _other_architecture(src: Sources, folder: Path) -> Path:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return out
+    return dst
+
+
+def _other_architecture(src: Sources, folder: Path) -> Path:
+    """The tiny text model relabelled as a Qwen2 model: a well-formed GGUF llama.cpp would load, not LLaVA."""
+    return rewrite_gguf(src.text, folder / src.text.name, arch="qwen2")
 
 
 def _other_mmproj(src: Sources, folder: Path) -> Path:

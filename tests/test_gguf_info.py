@@ -12,6 +12,7 @@ import pytest
 
 from llava_cli.errors import InputNotFoundError, ModelFileError
 from llava_cli.gguf_info import check_pair, read_gguf
+from tests.bad_inputs import rewrite_gguf
 
 
 def _copy(src: Path, tmp_path: Path, name: str) -> Path:
@@ -88,38 +89,14 @@ def test_bad_magic_version_and_counts(tiny_pair_f16, tmp_path: Path) -> None:
         read_gguf(huge_string)
 
 
-def _rewrite(src: Path, dst: Path, *, drop: set[str] = frozenset(), retype: dict | None = None) -> Path:
-    """Copy a GGUF, dropping keys or rewriting some with another value type (what a buggy converter writes)."""
-    reader = gguf.GGUFReader(src)
-    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
-    writer = gguf.GGUFWriter(dst, arch)
-    for name, f in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture" or name in drop:
-            continue
-        vtype = f.types[0]
-        if retype and name in retype:
-            writer.add_key_value(name, f.contents(), retype[name])
-        elif vtype == gguf.GGUFValueType.ARRAY:
-            writer.add_key_value(name, f.contents(), vtype, sub_type=f.types[-1])
-        else:
-            writer.add_key_value(name, f.contents(), vtype)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, np.array(t.data), raw_shape=None, raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dst
-
-
 def test_wrong_key_type_is_refused_instead_of_aborting(tiny_pair_f16, tmp_path: Path) -> None:
     # llama.cpp reads these with a type assertion: an INT32 context length aborts the Python process.
-    bad = _rewrite(
+    bad = rewrite_gguf(
         tiny_pair_f16.text_path, tmp_path / "int32.gguf", retype={"llama.context_length": gguf.GGUFValueType.INT32}
     )
     with pytest.raises(ModelFileError, match="llama.context_length.*INT32.*UINT32"):
         read_gguf(bad)
-    bad = _rewrite(
+    bad = rewrite_gguf(
         tiny_pair_f16.mmproj_path,
         tmp_path / "mm-int32.gguf",
         retype={"clip.vision.image_size": gguf.GGUFValueType.INT32},
@@ -129,10 +106,12 @@ def test_wrong_key_type_is_refused_instead_of_aborting(tiny_pair_f16, tmp_path: 
 
 
 def test_missing_keys_are_refused(tiny_pair_f16, tmp_path: Path) -> None:
-    bad = _rewrite(tiny_pair_f16.text_path, tmp_path / "noeps.gguf", drop={"llama.attention.layer_norm_rms_epsilon"})
+    bad = rewrite_gguf(
+        tiny_pair_f16.text_path, tmp_path / "noeps.gguf", drop={"llama.attention.layer_norm_rms_epsilon"}
+    )
     with pytest.raises(ModelFileError, match="layer_norm_rms_epsilon"):
         read_gguf(bad)
-    bad = _rewrite(tiny_pair_f16.mmproj_path, tmp_path / "nomean.gguf", drop={"clip.vision.image_mean"})
+    bad = rewrite_gguf(tiny_pair_f16.mmproj_path, tmp_path / "nomean.gguf", drop={"clip.vision.image_mean"})
     with pytest.raises(ModelFileError, match="image_mean"):
         read_gguf(bad)
 
