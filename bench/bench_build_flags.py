@@ -4,10 +4,10 @@ The README installs llama-cpp-python with GGML_NATIVE=OFF because a native build
 (without the VM enabling it) dies with SIGILL in quantized matmuls. This bench measures decode tokens/s of the
 same F16 and Q4_K_M text models under both builds, each in its own child process:
 
-    python bench/bench_build_flags.py --native-site /tmp/native/site
+    python bench/bench_build_flags.py --site native=/tmp/native/site --site avx2=/tmp/avx2/site
 
-where --native-site is an unpacked wheel built with CMAKE_ARGS="-DGGML_NATIVE=ON"
-(`pip wheel --no-cache-dir --no-deps llama-cpp-python==0.3.36`, then unzip). The installed build is the portable one.
+where each --site is an unpacked wheel (`pip wheel --no-cache-dir --no-deps llama-cpp-python==0.3.36` with the
+CMAKE_ARGS to compare, then unzip), compared against the installed build.
 """
 
 from __future__ import annotations
@@ -78,28 +78,38 @@ def run_child(model: Path, threads: int, site: str | None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--native-site", required=True, help="unpacked native llama-cpp-python wheel")
+    ap.add_argument(
+        "--site",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="another build to compare: an unpacked llama-cpp-python wheel (repeatable)",
+    )
     ap.add_argument("--size", default="1b", choices=["1b", "170m"])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
+    builds: list[tuple[str, str | None]] = [("installed", None)]
+    builds += [tuple(spec.split("=", 1)) for spec in args.site]  # type: ignore[misc]
     models = build_models(args.size)
-    print(f"model {args.size}, {args.threads} threads, best of {args.repeat}")
-    print(f"{'quant':8} {'build':9} {'prefill tok/s':>14} {'decode tok/s':>13}")
-    results = {}
+    print(f"model {args.size}, {args.threads} threads, best of {args.repeat} interleaved rounds")
+    print(f"{'quant':8} {'build':10} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode vs installed':>20}")
     for quant, path in models.items():
-        for build, site in (("portable", None), ("native", args.native_site)):
-            runs = [run_child(path, args.threads, site) for _ in range(args.repeat)]
-            ok = [r for r in runs if "error" in r] == []
-            if ok:
-                best = max(runs, key=lambda r: r["decode_tok_s"])
-                results[(quant, build)] = best["decode_tok_s"]
-                print(f"{quant:8} {build:9} {best['prefill_tok_s']:14.1f} {best['decode_tok_s']:13.2f}")
-            else:
-                print(f"{quant:8} {build:9} {'':>14} {runs[0]['error']:>13}")
-        if (quant, "native") in results:
-            ratio = results[(quant, "portable")] / results[(quant, "native")]
-            print(f"{quant:8} portable/native decode ratio: {ratio:.3f}")
+        # Interleave the builds round by round: this VM's speed drifts by 2x over minutes.
+        runs: dict[str, list[dict]] = {name: [] for name, _ in builds}
+        for _ in range(args.repeat):
+            for name, site in builds:
+                runs[name].append(run_child(path, args.threads, site))
+        base = None
+        for name, _ in builds:
+            ok = [r for r in runs[name] if "error" not in r]
+            if not ok:
+                print(f"{quant:8} {name:10} {'':>14} {runs[name][0]['error']:>13}")
+                continue
+            best = max(ok, key=lambda r: r["decode_tok_s"])
+            base = base or best
+            ratio = best["decode_tok_s"] / base["decode_tok_s"]
+            print(f"{quant:8} {name:10} {best['prefill_tok_s']:14.1f} {best['decode_tok_s']:13.2f} {ratio:20.2f}")
 
 
 if __name__ == "__main__":
