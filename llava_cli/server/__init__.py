@@ -1,0 +1,1 @@
+"""`llava serve`: the OpenAI-compatible HTTP layer over the runtime (schema, routes, streaming)."""
