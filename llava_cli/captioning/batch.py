@@ -242,6 +242,57 @@ def _sidecar_clashes(paths: Sequence[str]) -> dict[str, str]:
     return clashes
 
 
+def pending_images(
+    paths: Sequence[str],
+    log_path: Path | None,
+    log_fmt: Format | None,
+    *,
+    overwrite: bool,
+    summary: CaptionSummary,
+    notice: Callable[[str], None],
+) -> list[str]:
+    """The resume filter (call it under the output lock): the images of `paths` that still need a caption.
+
+    Done means a success record in the log or, with sidecars only, an existing sidecar. Old failure records of
+    images tried again are dropped (one record per image), a torn last record is cut off; `summary` gets the
+    skipped count and whether the log was repaired. Shared by the local loop and the Ray driver (ray_data.py).
+    """
+    done: set[str] = set()
+    if log_path is not None and log_fmt is not None:
+        if overwrite:
+            rewrite_log(log_path, log_fmt, [])
+        else:
+            state = read_log(log_path, log_fmt)
+            summary.repaired = state.repaired
+            if state.repaired:
+                notice(f"repaired {log_path}: cut off a torn last record from an interrupted run")
+            done = {resume_key(p) for p in state.done}
+            retry = {resume_key(r.path) for r in state.records if not r.ok} & {resume_key(p) for p in paths}
+            if retry:
+                # One record per image: drop the old failure records of images this run tries again.
+                rewrite_log(log_path, log_fmt, [r for r in state.records if resume_key(r.path) not in retry])
+    elif not overwrite:
+        done = {resume_key(p) for p in paths if sidecar_path(p).exists()}
+    todo = [p for p in paths if resume_key(p) not in done]
+    summary.skipped = len(paths) - len(todo)
+    return todo
+
+
+def commit_record(record: CaptionRecord, log: RecordLog | None, write_sidecars: bool, summary: CaptionSummary) -> None:
+    """Make one image's result durable and count it. Shared by the local loop and the Ray driver (ray_data.py)."""
+    # Sidecar first, then the log record: if we die in between, the image is redone and the sidecar rewritten.
+    if record.ok and write_sidecars:
+        write_sidecar(record.path, record.caption or "")
+    if log is not None:
+        log.write(record)
+    if record.ok:
+        summary.done += 1
+        summary.tokens += record.tokens
+    else:
+        summary.failed += 1
+        summary.failures.append(record)
+
+
 def caption_batch(
     inputs: Sequence[str | os.PathLike[str]],
     *,
@@ -286,25 +337,7 @@ def caption_batch(
 
     lock = output_lock(log_path) if log_path is not None else contextlib.nullcontext()
     with lock:
-        # Which images are done: the log's success records, or (sidecars only) the sidecars that exist.
-        done: set[str] = set()
-        if log_path is not None and log_fmt is not None:
-            if overwrite:
-                rewrite_log(log_path, log_fmt, [])
-            else:
-                state = read_log(log_path, log_fmt)
-                summary.repaired = state.repaired
-                if state.repaired:
-                    notice(f"repaired {log_path}: cut off a torn last record from an interrupted run")
-                done = {resume_key(p) for p in state.done}
-                retry = {resume_key(r.path) for r in state.records if not r.ok} & {resume_key(p) for p in paths}
-                if retry:
-                    # One record per image: drop the old failure records of images this run tries again.
-                    rewrite_log(log_path, log_fmt, [r for r in state.records if resume_key(r.path) not in retry])
-        elif not overwrite:
-            done = {resume_key(p) for p in paths if sidecar_path(p).exists()}
-        todo = [p for p in paths if resume_key(p) not in done]
-        summary.skipped = len(paths) - len(todo)
+        todo = pending_images(paths, log_path, log_fmt, overwrite=overwrite, summary=summary, notice=notice)
         if not todo:
             summary.seconds = time.monotonic() - started
             return summary
@@ -366,17 +399,7 @@ def _run_loop(
         if interrupts.requested:
             break
         record = _caption_one(model, item, *templates, clashes)
-        # Sidecar first, then the log record: if we die in between, the image is redone and the sidecar rewritten.
-        if record.ok and write_sidecars:
-            write_sidecar(item.path, record.caption or "")
-        if log is not None:
-            log.write(record)
-        if record.ok:
-            summary.done += 1
-            summary.tokens += record.tokens
-        else:
-            summary.failed += 1
-            summary.failures.append(record)
+        commit_record(record, log, write_sidecars, summary)
         if on_record:
             on_record(record)
         if on_progress:

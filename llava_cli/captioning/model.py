@@ -87,37 +87,28 @@ def caption(
         from llava_cli.captioning import caption
         summary = caption(["photos/"], model="llava-1.5-7b", recursive=True, out="captions.jsonl")
     """
-    from llava_cli.engine import Engine
-    from llava_cli.resolve import resolve_model
-
     note = on_note or (lambda message: print(f"note: {message}", file=sys.stderr))
     engines: list[Any] = []
 
     def load() -> EngineCaptioner:
-        resolved = resolve_model(model, mmproj=Path(mmproj) if mmproj is not None else None, bits=bits)
-        if resolved.noise:
-            note(f"{resolved.name} has random weights: its captions are noise")
-        engine = Engine(
-            resolved.text_path,
-            resolved.mmproj_path,
-            n_ctx=ctx,
-            n_threads=threads,
+        captioner = load_captioner(
+            model=model,
+            mmproj=mmproj,
+            bits=bits,
+            ctx=ctx,
+            threads=threads,
             n_gpu_layers=n_gpu_layers,
             mmproj_offload=mmproj_offload,
-            verbose=verbose,
-            on_note=note,
-        )
-        engines.append(engine)
-        return EngineCaptioner(
-            engine,
-            model_name=resolved.name,
-            quantization=resolved.quantization,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
             seed=seed,
             system=system,
+            verbose=verbose,
+            on_note=note,
         )
+        engines.append(captioner.engine)
+        return captioner
 
     batch.setdefault("on_notice", note)
     try:
@@ -125,3 +116,51 @@ def caption(
     finally:
         for engine in engines:
             engine.close()
+
+
+def load_captioner(
+    *,
+    model: str | None = None,
+    mmproj: str | os.PathLike[str] | None = None,
+    bits: str | None = None,
+    ctx: int = 2048,
+    threads: int | None = None,
+    n_gpu_layers: str | int = 0,
+    mmproj_offload: bool = True,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 0.95,
+    seed: int | None = None,
+    system: str | None = None,
+    verbose: bool = False,
+    on_note: Callable[[str], None] | None = None,
+) -> EngineCaptioner:
+    """Resolve ``model`` and load its engine: the one loading path of `caption()` and of each Ray replica
+    (ray_data.py). The caller closes ``captioner.engine``."""
+    from llava_cli.engine import Engine
+    from llava_cli.resolve import resolve_model
+
+    note = on_note or (lambda message: print(f"note: {message}", file=sys.stderr))
+    resolved = resolve_model(model, mmproj=Path(mmproj) if mmproj is not None else None, bits=bits)
+    if resolved.noise:
+        note(f"{resolved.name} has random weights: its captions are noise")
+    engine = Engine(
+        resolved.text_path,
+        resolved.mmproj_path,
+        n_ctx=ctx,
+        n_threads=threads,
+        n_gpu_layers=n_gpu_layers,
+        mmproj_offload=mmproj_offload,
+        verbose=verbose,
+        on_note=note,
+    )
+    return EngineCaptioner(
+        engine,
+        model_name=resolved.name,
+        quantization=resolved.quantization,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        system=system,
+    )
