@@ -12,6 +12,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from llava_cli import __version__
 from llava_cli.cli import caption, convert, models, quantize, run, vram
@@ -73,9 +74,10 @@ _ClickException: type[Exception] = next(c for c in typer.BadParameter.__mro__ if
 
 def _fail(message: str, hint: str | None, code: int) -> int:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    line = f"[bold red]error:[/] {message}"
+    # Messages are text, not markup: `pip install "llava-cli[ray]"` or a path like photos[1].jpg must print as is.
+    line = f"[bold red]error:[/] {escape(message)}"
     if hint:
-        line += f" [dim]({hint})[/]"
+        line += f" [dim]({escape(hint)})[/]"
     err.print(line, markup=True)
     return code
 

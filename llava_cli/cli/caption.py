@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -61,6 +62,9 @@ Examples:
   #SBATCH --array=1-8
   llava caption /data/images --recursive --shard $SLURM_ARRAY_TASK_ID/8 --out captions.$SLURM_ARRAY_TASK_ID.jsonl
   # afterwards: cat captions.*.jsonl > captions.jsonl
+
+  # On a Ray cluster (RAY_ADDRESS, else a local one started for the run): 8 replicas, one GPU each:
+  llava caption /data/images -r --out captions.jsonl --ray --ray-workers 8 --ray-gpus-per-worker 1 -ngl all
 """
 
 InputsArg = Annotated[
@@ -155,6 +159,40 @@ CaptionMaxTokensOpt = Annotated[
     int, typer.Option("--max-tokens", "-n", min=1, help="Stop each caption after this many tokens. Example: -n 64")
 ]
 
+RayOpt = Annotated[
+    bool,
+    typer.Option(
+        "--ray",
+        help="Run on Ray Data: tasks decode, --ray-workers model replicas caption, this process writes the same "
+        "resumable --out. Uses the cluster at RAY_ADDRESS, else starts a local one for the run. Needs "
+        '`pip install "llava-cli[ray]"`. Example: --ray --ray-workers 4',
+    ),
+]
+RayWorkersOpt = Annotated[
+    int,
+    typer.Option(
+        "--ray-workers", min=1, help="Model replicas (Ray actors), each loads the model once. Example: --ray-workers 8"
+    ),
+]
+RayGpusOpt = Annotated[
+    float,
+    typer.Option(
+        "--ray-gpus-per-worker",
+        min=0.0,
+        help="GPUs each replica reserves (0.5: two replicas share a GPU); combine with -ngl all. "
+        "Example: --ray-gpus-per-worker 1",
+    ),
+]
+RayCpusOpt = Annotated[
+    float,
+    typer.Option(
+        "--ray-cpus-per-worker",
+        min=0.01,
+        help="CPUs each replica reserves; also its llama.cpp threads unless --threads is given. "
+        "Example: --ray-cpus-per-worker 4",
+    ),
+]
+
 
 class _RateColumn(ProgressColumn):
     """images/min and tokens/s, from the task's fields."""
@@ -204,6 +242,10 @@ def caption_command(
     system: SystemOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
+    ray: RayOpt = False,
+    ray_workers: RayWorkersOpt = 1,
+    ray_gpus_per_worker: RayGpusOpt = 0.0,
+    ray_cpus_per_worker: RayCpusOpt = 1.0,
 ) -> None:
     if prompt is not None and prompt_file is not None:
         raise UsageError("give --prompt or --prompt-file, not both")
@@ -252,9 +294,21 @@ def caption_command(
     def on_note(message: str) -> None:
         console.print(f"note: {message}", markup=False, highlight=False)
 
+    run: Callable[..., captioning.CaptionSummary] = captioning.caption
+    extra: dict[str, Any] = {}
+    if ray:
+        from llava_cli.captioning import ray_data
+
+        run = ray_data.caption_ray
+        extra["ray"] = ray_data.RayOptions(
+            workers=ray_workers, gpus_per_worker=ray_gpus_per_worker, cpus_per_worker=ray_cpus_per_worker
+        )
+    elif (ray_workers, ray_gpus_per_worker, ray_cpus_per_worker) != (1, 0.0, 1.0):
+        raise UsageError("--ray-workers, --ray-gpus-per-worker and --ray-cpus-per-worker need --ray")
+
     t0 = time.monotonic()
     try:
-        summary = captioning.caption(
+        summary = run(
             inputs,
             model=model,
             mmproj=mmproj,
@@ -281,6 +335,7 @@ def caption_command(
             shard=shard,
             on_progress=on_progress,
             on_record=on_record,
+            **extra,
         )
     finally:
         if started_bar:
