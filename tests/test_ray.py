@@ -41,10 +41,15 @@ def by_path(path: Path) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    # Small and quiet: 2 CPUs, no dashboard, a 150 MB object store (tiny images).
+    """A local cluster for the module (small and quiet: 2 CPUs, no dashboard, a 150 MB object store); yields its
+    address. On exit, every process it started must be gone."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     with ray_data.ray_session(num_cpus=2, object_store_memory=150 * 2**20) as started:
         assert started
-        yield
+        procs = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        assert {"gcs_server", "raylet"} <= {p.name() for p in procs}
+        yield ray.get_runtime_context().gcs_address
+    _assert_gone(procs)
 
 
 @pytest.fixture
@@ -92,10 +97,11 @@ def test_same_records_as_the_local_path(cluster, tiny_pair_f16, pics: Path, tmp_
         )
     broken = b[str(pics / "broken.png")]
     assert broken["caption"] is None and "broken.png" in broken["error"]
-    # Same command again: nothing to do, Ray is not even used; the failed image alone is retried.
-    again = ray_data.caption_ray([pics], out=tmp_path / "ray.jsonl", max_tokens=6, **load(tiny_pair_f16))
-    assert (again.skipped, again.done, again.failed) == (7, 0, 1)
-    assert len(by_path(tmp_path / "ray.jsonl")) == 8
+    # The resume filter: the captioned images again, nothing to do (Ray is not even reached).
+    good = [p for p in a if a[p]["error"] is None]
+    again = ray_data.caption_ray(good, out=tmp_path / "ray.jsonl", ray=ray_data.RayOptions(workers=64))
+    assert (again.skipped, again.done, again.failed) == (7, 0, 0)
+    assert by_path(tmp_path / "ray.jsonl") == b
 
 
 def test_caption_dataset_of_bytes(cluster, tiny_pair_f16, pics: Path, tmp_path: Path) -> None:
@@ -120,7 +126,7 @@ def _replica_pids() -> list[psutil.Process]:
 
 
 def test_killed_actor_batch_is_retried_and_written_once(cluster, tiny_pair_f16, tmp_path: Path) -> None:
-    make_images(tmp_path / "many", 24)
+    make_images(tmp_path / "many", 16)
     out = tmp_path / "out.jsonl"
     killed: list[int] = []
 
@@ -138,15 +144,15 @@ def test_killed_actor_batch_is_retried_and_written_once(cluster, tiny_pair_f16, 
     summary = ray_data.caption_ray(
         [tmp_path / "many"],
         out=out,
-        max_tokens=24,
+        max_tokens=12,
         ray=ray_data.RayOptions(workers=1, batch_size=4),
         handle_sigint=False,
         **load(tiny_pair_f16),
     )
     killer.join()
     assert killed, "the replica was never seen running"
-    assert (summary.done, summary.failed) == (24, 0)
-    assert len(by_path(out)) == 24  # by_path fails on a second record of any image
+    assert (summary.done, summary.failed) == (16, 0)
+    assert len(by_path(out)) == 16  # by_path fails on a second record of any image
 
 
 def test_without_ray_one_line_names_the_extra(
@@ -179,29 +185,28 @@ def _assert_gone(procs: list[psutil.Process], timeout: float = 20) -> None:
     assert not alive, f"left behind: {[(p.pid, p.name()) for p in alive]}"
 
 
-def test_sigkill_then_rerun_loses_and_duplicates_nothing(tiny_pair_f16, tmp_path: Path) -> None:
-    make_images(tmp_path / "pics", 30)
+def test_sigkill_then_rerun_loses_and_duplicates_nothing(cluster, tiny_pair_f16, tmp_path: Path) -> None:
+    make_images(tmp_path / "pics", 12)
     out = tmp_path / "captions.jsonl"
-    args = [str(tmp_path / "pics"), "--out", str(out), "-n", "24", "--ray", *model_args(tiny_pair_f16)]
-    env = {"RAY_ADDRESS": ""}  # a local cluster of its own, whatever the caller's environment
+    args = [str(tmp_path / "pics"), "--out", str(out), "-n", "12", "--ray", *model_args(tiny_pair_f16)]
 
-    proc = spawn(args, env)
-    wait_for_records(out, 3, proc, timeout=120)
+    # First run: a local cluster of its own (whatever the caller's environment), killed mid-run.
+    proc = spawn(args, {"RAY_ADDRESS": ""})
+    wait_for_records(out, 2, proc, timeout=120)
     procs = _cluster_processes(proc.pid)
     assert {"gcs_server", "raylet"} <= {p.name() for p in procs}  # it started its own cluster
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     _assert_gone(procs)  # even after SIGKILL: the watchdog removes the cluster
     first = by_path(out)
-    assert 3 <= len(first) < 30
+    assert 2 <= len(first) < 12
 
-    proc = spawn(args, env)
-    wait_for_records(out, len(first) + 1, proc, timeout=120)
-    procs = _cluster_processes(proc.pid)
+    # Re-run on an existing cluster (RAY_ADDRESS): it finishes the rest and leaves that cluster running.
+    proc = spawn(args, {"RAY_ADDRESS": cluster})
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
     assert f"{len(first)} skipped" in err
-    _assert_gone(procs)
     final = by_path(out)  # fails on a duplicate
-    assert len(final) == 30 and all(r["error"] is None and r["caption"] for r in final.values())
+    assert len(final) == 12 and all(r["error"] is None and r["caption"] for r in final.values())
     assert all(final[p]["caption"] == first[p]["caption"] for p in first)
+    assert ray.get(ray.remote(lambda: 1).options(num_cpus=0.1).remote()) == 1  # the module's cluster is still up

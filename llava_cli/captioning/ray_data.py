@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -52,6 +52,7 @@ INSTALL_HINT = 'pip install "llava-cli[ray]"'
 # Images per call of a replica. Small, so records reach the log soon after they are made and a dead actor's retry
 # redoes little; large enough that Ray's per-call cost (~ms) is small next to a caption (~0.1-1 s).
 DEFAULT_BATCH_SIZE = 4
+MAX_BLOCKS = 20_000
 # A local cluster's shared-memory object store: decoded images in flight, not the dataset. Ray's default (30% of
 # RAM) would take memory the models need.
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
@@ -501,6 +502,40 @@ def caption_ray(
     return summary
 
 
+def absorb(
+    batches: Iterable[Any],
+    wanted: set[str],
+    log: RecordLog | None,
+    write_sidecars: bool,
+    summary: CaptionSummary,
+    *,
+    stop: Callable[[], bool] = lambda: False,
+    on_record: Callable[[CaptionRecord], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> set[str]:
+    """The driver's side of the stream: write each record of `batches` (Arrow tables of records) once per image.
+
+    Ray runs a dead actor's batch again (at-least-once), so an image may come back twice: the first record is the
+    one kept. Records of images not in `wanted` (resume keys) are dropped too. Returns the keys written.
+    """
+    written: set[str] = set()
+    for batch in batches:
+        for row in batch.to_pylist():
+            record = CaptionRecord(**{c: row[c] for c in COLUMNS})
+            key = resume_key(record.path)
+            if key in written or key not in wanted:
+                continue
+            written.add(key)
+            commit_record(record, log, write_sidecars, summary)
+            if on_record:
+                on_record(record)
+            if on_progress:
+                on_progress(len(written), len(wanted))
+        if stop():
+            break
+    return written
+
+
 def _drive(
     todo: list[str],
     clashes: dict[str, str],
@@ -519,30 +554,29 @@ def _drive(
     if on_progress:
         on_progress(0, len(todo))
     wanted = {resume_key(p) for p in todo}
-    written: set[str] = set()
     # A local cluster gets enough logical CPUs for the replicas plus the decoding tasks beside them.
     cpus = max(os.cpu_count() or 1, int(rayopts.workers * rayopts.cpus_per_worker + 0.999) + 1)
     gpus = int(rayopts.workers * rayopts.gpus_per_worker + 0.999) or None
     with ray_session(address=address, num_cpus=cpus, num_gpus=gpus):
         ray = import_ray()
         rows = [{"path": p, "error": clashes.get(p)} for p in todo]
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // rayopts.batch_size, 1000)))
+        # One block per batch: a block is one task, and its records come back when the task ends, so small blocks
+        # stream records to the log as they are made. Capped: past ~20k blocks Ray's per-block cost adds up, and a
+        # block of 50 images is still seconds of work for a replica.
+        blocks = min(-(-len(rows) // rayopts.batch_size), MAX_BLOCKS)
+        ds = ray.data.from_items(rows, override_num_blocks=blocks)
         records = caption_dataset(ds, ray=rayopts, **options)
         try:
-            for batch in records.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for row in batch.to_pylist():
-                    record = CaptionRecord(**{c: row[c] for c in COLUMNS})
-                    key = resume_key(record.path)
-                    if key in written or key not in wanted:
-                        continue  # a retried batch's repeat: the first record of an image is the one kept
-                    written.add(key)
-                    commit_record(record, log, write_sidecars, summary)
-                    if on_record:
-                        on_record(record)
-                    if on_progress:
-                        on_progress(len(written), len(todo))
-                if interrupts.requested:
-                    break
+            absorb(
+                records.iter_batches(batch_size=None, batch_format="pyarrow"),
+                wanted,
+                log,
+                write_sidecars,
+                summary,
+                stop=lambda: interrupts.requested,
+                on_record=on_record,
+                on_progress=on_progress,
+            )
         except (KeyboardInterrupt, LlavaError):
             raise
         except Exception as exc:
@@ -559,6 +593,7 @@ def _drive(
 
 __all__ = [
     "INSTALL_HINT",
+    "absorb",
     "CaptionReplica",
     "RayOptions",
     "caption_dataset",
