@@ -140,6 +140,22 @@ def bench_driver(args: argparse.Namespace, work: Path) -> None:
     print(f"{'(b) Ray iter_batches -> absorb (dedupe) -> RecordLog':58} {b:10.0f}")
 
 
+def bench_decode(work: Path) -> None:
+    """The decoding task's CPU cost per image (`load_image`), and what it ships to a replica (RGB bytes)."""
+    from llava_cli.images import load_image
+
+    print(f"\n{'decode (one core, load_image)':34} {'ms/img':>8} {'img/s/core':>10} {'RGB MB':>7}")
+    for w, h in ((640, 480), (1600, 1200), (4000, 3000)):
+        folder = work / f"dec{w}"
+        path = make_photos(folder, 1, 0.0, (w, h))[0]
+        reps = max(3, int(2e8 // (w * h)))
+        t0 = time.process_time()
+        for _ in range(reps):
+            rgb = load_image(path).rgb_bytes()
+        ms = 1000 * (time.process_time() - t0) / reps
+        print(f"{f'{w}x{h} JPEG':34} {ms:8.1f} {1000 / ms:10.1f} {len(rgb) / 1e6:7.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=32)
@@ -148,12 +164,15 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=20000)
     parser.add_argument("--batch", type=int, default=4, help="records per actor call in the driver bench")
     parser.add_argument("--skip-captioning", action="store_true")
+    parser.add_argument("--skip-driver", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_ray_") as tmp:
         work = Path(tmp)
         if not args.skip_captioning:
             bench_captioning(args, work)
-        bench_driver(args, work)
+        bench_decode(work)
+        if not args.skip_driver:
+            bench_driver(args, work)
 
 
 if __name__ == "__main__":
