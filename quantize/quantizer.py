@@ -110,7 +110,7 @@ def _pad(n: int) -> int:
     return (n + _GGUF_ALIGNMENT - 1) // _GGUF_ALIGNMENT * _GGUF_ALIGNMENT
 
 
-def predictsize_text(info: GGUFInfo, qtype: QuantType) -> int:
+def predict_size(info: GGUFInfo, qtype: QuantType) -> int:
     """File size llama.cpp will write: the source's header plus every tensor at its predicted type, padded."""
     header = info.file_size - sum(_pad(t.n_bytes) for t in info.tensors)
     types = predict_types(info, qtype)
@@ -363,11 +363,11 @@ def _quantize_pair(
 ) -> QuantizeResult:
     text_final = out_dir / f"{src.name}.{qtype.name}.gguf"
     mmproj_final = out_dir / f"mmproj-{src.name}.{mtype.name}.gguf"
-    predicted = predictsize_text(src.text, qtype)
+    predicted = predict_size(src.text, qtype)
     mmproj_same = _mmproj_is_already(src.mmproj, mtype)
     if not mmproj_same:
         _refuse_quantized(src.mmproj, "vision projector")
-    mmproj_needed = src.mmproj.file_size if mmproj_same else predictsize_text(src.mmproj, mtype)
+    mmproj_needed = src.mmproj.file_size if mmproj_same else predict_size(src.mmproj, mtype)
     if mmproj_same and mmproj_final.resolve() == src.mmproj.path.resolve():
         mmproj_needed = 0
     _check_free_space(_existing_dir(out_dir), predicted + mmproj_needed, f"{text_final.name} and {mmproj_final.name}")

@@ -201,7 +201,7 @@ def test_cli_models_table_and_bad_catalog(capsys: pytest.CaptureFixture[str]) ->
         ["run", "--model", "tiny-random", "--bits", "{q}", "What is this?"],
         ["chat", "--model", "tiny-random", "--bits", "{q}"],
         ["pull", "tiny-random", "--bits", "{q}"],
-        ["caption", "{dir}", "--model", "tiny-random", "--bits", "{q}"],
+        ["caption", "{dir}", "--out", "{dir}/c.jsonl", "--model", "tiny-random", "--bits", "{q}"],
         ["quantize", "{dir}", "--bits", "{q}"],
     ],
 )
