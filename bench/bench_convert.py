@@ -4,7 +4,10 @@ Each measurement runs in a fresh child process; its peak RSS is the child's ru_m
 a plain copy of the checkpoint's bytes (the disk's read+write speed, an upper bound for MB/s) and a child that
 only imports the converter (the interpreter + numpy + gguf baseline RSS).
 
-    python bench/bench_convert.py [--dir /tmp/llava-bench] [--keep]
+    python bench/bench_convert.py [--dir /tmp/llava-bench] [--keep] [--vocab-pieces 32000]
+
+The vocabulary defaults to LLaVA-1.5's real one (32000 pieces, 32064 embedding rows): the embedding and output
+matrices are then the largest tensors, and the converter's peak RSS follows the largest tensor.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ except OSError:
 CHILD_CONVERT = (
     """
 import sys
-from quantize import convert
+from quantize.converter import convert
 r = convert(sys.argv[1], sys.argv[2], outtype=sys.argv[3], name="bench")
 """
     + PEAK
@@ -61,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
+    parser.add_argument("--vocab-pieces", type=int, default=32000, help="tokenizer size (512 = the old runs)")
     args = parser.parse_args()
     work = args.dir or Path(tempfile.mkdtemp(prefix="llava-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -71,7 +75,12 @@ def main() -> None:
     ckpt = work / "ckpt"
     if not (ckpt / "config.json").exists():
         t = time.perf_counter()
-        make_checkpoint(ckpt, preset="bench", dtype="f16", shards=3)
+        if args.vocab_pieces > 1000:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from bench_memory import use_large_vocab_corpus
+
+            use_large_vocab_corpus()
+        make_checkpoint(ckpt, preset="bench", dtype="f16", shards=3, vocab_pieces=args.vocab_pieces)
         print(f"wrote synthetic checkpoint in {time.perf_counter() - t:.0f} s")
     size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     opened = open_checkpoint(ckpt)

@@ -23,7 +23,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantize import convert, quantize  # noqa: E402
-from quantize.quantizer import format_quality_table, measure_quality  # noqa: E402
+from quantize.quality import format_quality_table, measure_quality  # noqa: E402
 from quantize.synthetic import make_checkpoint  # noqa: E402
 
 # A text model as wide as a small real one (rows multiples of 256: no K-quant fallbacks), a small vision tower

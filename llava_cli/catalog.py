@@ -20,16 +20,17 @@ from typing import Any, Literal
 
 from llava_cli import paths
 from llava_cli.errors import LlavaError, UsageError
+from llava_cli.quants import ALL_TYPES, UNQUANTIZED, normalize_bits
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10 only
     import tomli as tomllib
 
-# Quantizations of the text model we can download or produce (quantize.quantize / quantize.convert).
-KNOWN_BITS: tuple[str, ...] = ("q4_k_m", "q6_k", "q8_0", "f16", "f32")
-# Those that are a plain conversion (no llama.cpp quantization pass).
-UNQUANTIZED_BITS: tuple[str, ...] = ("f16", "f32")
+# Quantizations of the text model we can download or produce, and those that are a plain conversion (no
+# llama.cpp quantization pass). The spellings accepted for them are `llava_cli.quants.parse_bits`'s.
+KNOWN_BITS: tuple[str, ...] = tuple(ALL_TYPES)
+UNQUANTIZED_BITS: tuple[str, ...] = UNQUANTIZED
 
 USER_CATALOG_NAME = "models.toml"
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -40,19 +41,6 @@ Source = Literal["hub", "synthetic"]
 
 class CatalogError(LlavaError, ValueError):
     """A catalog file (built-in or the user's) has an unknown key or a bad value."""
-
-
-def normalize_bits(bits: str, *, allowed: tuple[str, ...] = KNOWN_BITS) -> str:
-    """``Q4_K_M`` → ``q4_k_m``; raises `UsageError` for a quantization we do not know."""
-    name = bits.strip().lower().replace("-", "_")
-    if name == "fp16":
-        name = "f16"
-    if name not in allowed:
-        raise UsageError(
-            f"unknown quantization {bits!r}",
-            hint=f"use one of {', '.join(allowed)} (any case), e.g. --bits q4_k_m",
-        )
-    return name
 
 
 @dataclass(frozen=True)

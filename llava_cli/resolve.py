@@ -24,12 +24,18 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from llava_cli import hub, paths
 from llava_cli.atomic import atomic_path
 from llava_cli.catalog import UNQUANTIZED_BITS, Catalog, ModelEntry, load_catalog, normalize_bits
-from llava_cli.errors import CheckpointError, InputNotFoundError, LlavaError, UsageError
+from llava_cli.errors import CheckpointError, InputNotFoundError, UsageError
+
+# The one edge from llava_cli into quantize/: building a model locally. quantize/ imports only llava_cli's
+# foundation modules (errors, atomic, gguf_info, quants), never this one (tests/test_architecture.py checks).
+from quantize.converter import ConvertResult, convert
+from quantize.quantizer import QuantizeResult, quantize
+from quantize.synthetic import make_checkpoint
 
 ProgressFn = Callable[[int, int], None]
 
@@ -53,6 +59,66 @@ def pull_command(model_id: str, bits: str) -> str:
     return f"llava pull {model_id} --bits {bits}"
 
 
+Kind = Literal["catalog", "checkpoint", "gguf"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a ``--model`` value names, before anything is downloaded or built."""
+
+    kind: Kind
+    path: Path | None = None  # the checkpoint directory or the text .gguf
+    mmproj: Path | None = None  # the given --mmproj, or the one found beside a .gguf
+    entry: ModelEntry | None = None  # the catalog entry
+
+
+def identify(
+    model: str | None,
+    *,
+    mmproj: Path | None = None,
+    catalog: Catalog | None = None,
+    find_mmproj: bool = True,
+) -> ModelRef:
+    """The one place that decides what ``--model`` means (``run``, ``chat``, ``caption``, ``pull``,
+    ``vram-check`` and ``quantize``'s SOURCE all come here). Checks only what can be checked without the
+    network: the path exists, a directory has a config.json, the mmproj is there. ``find_mmproj=False`` leaves
+    a .gguf without ``--mmproj`` alone (vram-check plans the text model by itself then)."""
+    if model is None:
+        cat = catalog or load_catalog()
+        if mmproj is not None:
+            raise UsageError(f"--mmproj goes with a --model .gguf file; catalog model {cat.default.id} brings its own")
+        return ModelRef("catalog", entry=cat.default)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if mmproj is not None:
+            raise UsageError("--mmproj goes with a --model .gguf file; a checkpoint directory holds its own projector")
+        if not (path / "config.json").is_file():
+            raise CheckpointError(
+                f"{path} has no config.json: not a Hugging Face checkpoint directory",
+                hint="give a llava-hf checkpoint directory, a catalog id, or a .gguf file",
+            )
+        return ModelRef("checkpoint", path=path)
+    if model.lower().endswith(".gguf") or path.is_file():
+        if not path.is_file():
+            raise InputNotFoundError(f"{path}: no such file", hint="check the --model path")
+        if mmproj is not None:
+            mmproj = mmproj.expanduser()
+            if not mmproj.is_file():
+                raise InputNotFoundError(f"{mmproj}: no such file", hint="check the --mmproj path")
+        elif find_mmproj:
+            mmproj = _mmproj_beside(path)
+        return ModelRef("gguf", path=path, mmproj=mmproj)
+    cat = catalog or load_catalog()
+    if model not in cat and (os.sep in model or model.startswith((".", "~")) or (os.altsep and os.altsep in model)):
+        raise InputNotFoundError(
+            f"{model}: no such file or directory", hint="give a checkpoint directory or a .gguf file"
+        )
+    entry = cat.get(model)  # an unknown id: UsageError listing the catalog ids
+    if mmproj is not None:
+        raise UsageError(f"--mmproj goes with a --model .gguf file; catalog model {entry.id} brings its own")
+    return ModelRef("catalog", entry=entry)
+
+
 def resolve_model(
     model: str | None,
     *,
@@ -68,37 +134,48 @@ def resolve_model(
     ``llava pull`` command. ``on_progress(completed, total)`` reports download bytes or conversion steps.
     """
     norm_bits = normalize_bits(bits) if bits is not None else None
-    if model is None:
-        cat = catalog or load_catalog()
-        return _resolve_entry(cat, cat.default, norm_bits, download, on_progress, mmproj)
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if mmproj is not None:
-            raise UsageError("--mmproj goes with a --model .gguf file; a checkpoint directory holds its own projector")
-        return _resolve_checkpoint(path, norm_bits or "q4_k_m", on_progress)
-    if model.lower().endswith(".gguf") or path.is_file():
-        return _resolve_gguf(path, mmproj, norm_bits)
     cat = catalog or load_catalog()
-    if model not in cat and (os.sep in model or model.startswith((".", "~")) or (os.altsep and os.altsep in model)):
-        raise InputNotFoundError(
-            f"{model}: no such file or directory", hint="give a checkpoint directory or a .gguf file"
+    ref = identify(model, mmproj=mmproj, catalog=cat)
+    if ref.kind == "checkpoint":
+        assert ref.path is not None
+        name = _checkpoint_name(ref.path)
+        return _convert_into(ref.path, paths.models_dir() / name, name, norm_bits or "q4_k_m", on_progress, noise=False)
+    if ref.kind == "gguf":
+        assert ref.path is not None and ref.mmproj is not None
+        return _resolve_gguf(ref.path, ref.mmproj, norm_bits)
+    assert ref.entry is not None
+    return _resolve_entry(cat, ref.entry, norm_bits, download, on_progress)
+
+
+def quantize_source(source: str) -> tuple[Path, Path]:
+    """``llava quantize SOURCE`` -> (the checkpoint dir or F16 .gguf to quantize, the default output dir).
+
+    A catalog id means its Hugging Face checkpoint, which must already be in the local hub cache (quantize
+    never downloads); a checkpoint's outputs go to the models directory, a .gguf's beside it."""
+    ref = identify(source, find_mmproj=False)
+    if ref.kind == "gguf":
+        assert ref.path is not None
+        return ref.path, ref.path.parent
+    if ref.kind == "checkpoint":
+        assert ref.path is not None
+        return ref.path, paths.models_dir()
+    entry = ref.entry
+    assert entry is not None
+    if not entry.checkpoint:
+        raise UsageError(
+            f"catalog model {entry.id} has no Hugging Face checkpoint to quantize from",
+            hint="pass a checkpoint directory or an F16 .gguf file",
         )
-    return _resolve_entry(cat, cat.get(model), norm_bits, download, on_progress, mmproj)
+    ckpt = hub.download_checkpoint(entry.checkpoint, fix=f"huggingface-cli download {entry.checkpoint}", download=False)
+    return ckpt, paths.models_dir()
 
 
 # ------------------------------------------------------------------------------------------------ GGUF path
 
 
-def _resolve_gguf(path: Path, mmproj: Path | None, bits: str | None) -> ResolvedModel:
+def _resolve_gguf(path: Path, mmproj: Path, bits: str | None) -> ResolvedModel:
     from llava_cli.gguf_info import read_gguf
 
-    if not path.is_file():
-        raise InputNotFoundError(f"{path}: no such file", hint="check the --model path")
-    if mmproj is None:
-        mmproj = _mmproj_beside(path)
-    elif not mmproj.expanduser().is_file():
-        raise InputNotFoundError(f"{mmproj}: no such file", hint="check the --mmproj path")
-    mmproj = mmproj.expanduser()
     info = read_gguf(path)
     quant = (info.file_type or "unknown").lower()
     if bits is not None and quant != bits:
@@ -140,10 +217,7 @@ def _resolve_entry(
     bits: str | None,
     download: bool,
     on_progress: ProgressFn | None,
-    mmproj: Path | None,
 ) -> ResolvedModel:
-    if mmproj is not None:
-        raise UsageError(f"--mmproj goes with a --model .gguf file; catalog model {entry.id} brings its own")
     use_bits = bits or entry.default_bits or cat.default_bits
     if entry.source == "synthetic":
         return _build_synthetic(entry, use_bits, on_progress)
@@ -224,16 +298,6 @@ def _checkpoint_name(ckpt: Path) -> str:
     return name or "model"
 
 
-def _resolve_checkpoint(ckpt: Path, bits: str, on_progress: ProgressFn | None) -> ResolvedModel:
-    if not (ckpt / "config.json").is_file():
-        raise CheckpointError(
-            f"{ckpt} has no config.json: not a Hugging Face checkpoint directory",
-            hint="give a llava-hf checkpoint directory, a catalog id, or a .gguf file",
-        )
-    name = _checkpoint_name(ckpt)
-    return _convert_into(ckpt, paths.models_dir() / name, name, bits, on_progress, noise=False)
-
-
 def _convert_into(
     ckpt: Path, out_dir: Path, name: str, bits: str, on_progress: ProgressFn | None, *, noise: bool
 ) -> ResolvedModel:
@@ -246,11 +310,10 @@ def _convert_into(
     data = _read_manifest(out_dir)
     if data.get("fingerprint") != fingerprint:
         data = {"checkpoint": str(ckpt.resolve()), "fingerprint": fingerprint, "files": {}}
+    result: ConvertResult | QuantizeResult
     if bits in UNQUANTIZED_BITS:
-        convert = _teammate("convert")
         result = convert(ckpt, out_dir, outtype=bits, name=name, on_progress=on_progress)
     else:
-        quantize = _teammate("quantize")
         result = quantize(ckpt, bits=bits, out=out_dir, on_progress=on_progress)
     text, proj = Path(result.text_path), Path(result.mmproj_path)
     data["files"][bits] = {"text": os.path.relpath(text, out_dir), "mmproj": os.path.relpath(proj, out_dir)}
@@ -258,30 +321,11 @@ def _convert_into(
     return ResolvedModel(text, proj, name, bits, noise)
 
 
-def _teammate(func: str) -> Callable[..., Any]:
-    """`quantize.convert` / `quantize.quantize` (the converter's and quantizer's modules)."""
-    import importlib
-
-    package = importlib.import_module("quantize")
-    if hasattr(package, func):
-        return getattr(package, func)
-    module = {"convert": "quantize.converter", "quantize": "quantize.quantizer"}[func]
-    try:
-        return getattr(importlib.import_module(module), func)
-    except (ImportError, AttributeError) as exc:
-        raise LlavaError(
-            f"this installation has no {module} (needed to build the model locally): {exc}",
-            hint="reinstall llava-cli, or use a catalog model with a published GGUF",
-        ) from exc
-
-
 def _build_synthetic(entry: ModelEntry, bits: str, on_progress: ProgressFn | None) -> ResolvedModel:
     """tiny-random: a synthetic checkpoint written once into models_dir()/<id>/, then converted like any other."""
     out_dir = paths.models_dir() / entry.id
     ckpt = out_dir / f"{entry.id}-hf"
     if not (ckpt / "config.json").is_file():
-        from quantize.synthetic import make_checkpoint
-
         out_dir.mkdir(parents=True, exist_ok=True)
         # Written aside and renamed: an interrupted build never leaves a checkpoint that looks complete.
         tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".building-"))
@@ -292,3 +336,50 @@ def _build_synthetic(entry: ModelEntry, bits: str, on_progress: ProgressFn | Non
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return _convert_into(ckpt, out_dir, entry.id, bits, on_progress, noise=True)
+
+
+# ------------------------------------------------------------------------------------------- what is on disk
+
+
+def _local_bits(entry: ModelEntry, models_dir: Path) -> list[str]:
+    """Every quantization we could find on disk for `entry`: catalog ones plus what the manifest records."""
+    bits = list(dict.fromkeys([*entry.gguf, *entry.quantizations]))
+    return bits + [b for b in _read_manifest(models_dir / entry.id)["files"] if b not in bits]
+
+
+def model_rows(catalog: Catalog) -> list[dict[str, Any]]:
+    """One dict per model: what `llava models --json` prints."""
+    root = paths.models_dir()
+    rows = []
+    for entry in catalog:
+        local: dict[str, Any] = {}
+        seen: set[Path] = set()
+        total = 0
+        for bits in _local_bits(entry, root):
+            pair = local_pair(entry, bits)
+            if pair is None:
+                continue
+            size = 0
+            for f in pair:
+                real = f.resolve()
+                n = real.stat().st_size
+                size += n
+                if real not in seen:
+                    seen.add(real)
+                    total += n
+            local[bits] = {"text_path": str(pair[0]), "mmproj_path": str(pair[1]), "bytes": size}
+        rows.append(
+            {
+                "id": entry.id,
+                "description": entry.description,
+                "source": entry.source,
+                "checkpoint": entry.checkpoint,
+                "default": entry.id == catalog.default_model,
+                "default_bits": entry.default_bits or catalog.default_bits,
+                "published": sorted(entry.gguf),
+                "local": local,
+                "size_on_disk": total,
+                "noise": entry.noise,
+            }
+        )
+    return rows

@@ -33,7 +33,7 @@ def test_builtin_catalog_content() -> None:
     assert cat.default_model == "llava-1.5-7b" and cat.default_bits == "q4_k_m"
     assert [e.id for e in cat] == ["llava-1.5-7b", "llava-1.5-13b", "bakllava-1", "tiny-random"]
     assert cat.files == (builtin_catalog_path(),)
-    # The published 13B table (DESIGN.md), kept as published.
+    # The 13B table this project was specified with, kept as given (llava_cli/models.toml says so).
     q = cat.get("llava-1.5-13b").quantizations
     assert [(b, r.bpw, r.size_gb, r.quality) for b, r in q.items()] == [
         ("q4_k_m", 4.5, 7.9, 94.0),
@@ -190,3 +190,42 @@ def test_cli_models_table_and_bad_catalog(capsys: pytest.CaptureFixture[str]) ->
     err = capsys.readouterr().err
     assert "models.toml, entry 'x': description must be a string" in err
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------- one --bits parser for every command
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--model", "tiny-random", "--bits", "{q}", "What is this?"],
+        ["chat", "--model", "tiny-random", "--bits", "{q}"],
+        ["pull", "tiny-random", "--bits", "{q}"],
+        ["caption", "{dir}", "--out", "{dir}/c.jsonl", "--model", "tiny-random", "--bits", "{q}"],
+        ["quantize", "{dir}", "--bits", "{q}"],
+    ],
+)
+def test_every_command_rejects_a_bad_bits_with_the_same_line(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    from llava_cli.cli.app import main
+
+    # caption resolves the model only when there is an image to caption (an empty folder finishes without it)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    args = [a.replace("{q}", "q3").replace("{dir}", str(tmp_path)) for a in argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "unknown quantization 'q3' for --bits: choose one of q4_k_m, q6_k, q8_0, f16" in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("spelling", ["f16", "F16", "fp16", "FP16", "float16"])
+def test_the_same_spellings_everywhere(spelling: str) -> None:
+    from llava_cli import quants
+    from llava_cli.memory import quant_label
+
+    assert normalize_bits(spelling) == "f16"  # run / chat / caption / pull (the catalog's bits)
+    assert quants.parse_bits(spelling, quants.TEXT_TYPES).name == "f16"  # quantize
+    assert quant_label(spelling) == "F16"  # vram-check's table

@@ -22,9 +22,12 @@ import pytest
 from llava_cli.cli.app import main
 from llava_cli.errors import InputNotFoundError, ModelFileError, OutputError, UsageError
 from llava_cli.gguf_info import GGUFInfo, TensorInfo, read_gguf
-from quantize import ConvertResult, convert
+from llava_cli.quants import MMPROJ_TYPES, TEXT_TYPES, parse_bits
+from quantize import quality
 from quantize import quantizer as qz
-from quantize.quantizer import MMPROJ_TYPES, TEXT_TYPES, QuantizeResult, measure_quality, quantize
+from quantize.converter import ConvertResult, convert
+from quantize.quality import measure_quality
+from quantize.quantizer import QuantizeResult, quantize
 
 ALL_BITS = ("q4_k_m", "q6_k", "q8_0", "f16")
 PROMPT = "USER: <image>\nWhat is in this picture? ASSISTANT:"
@@ -60,7 +63,7 @@ def _answer(text_path: Path, mmproj_path: Path) -> Any:
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Llava15ChatHandler
 
-    png = qz.quality_images()[2]
+    png = quality.quality_images()[2]
     handler = Llava15ChatHandler(clip_model_path=str(mmproj_path), verbose=False)
     llm = Llama(model_path=str(text_path), chat_handler=handler, n_ctx=2048, n_threads=2, verbose=False)
     try:
@@ -236,7 +239,7 @@ def test_bf16_gguf_source(tiny_pair_f32: ConvertResult, tmp_path: Path) -> None:
     """BF16 sources are quantized like F16 ones (the converter writes F32/F16; llama.cpp itself makes the BF16)."""
     bf16 = qz.QuantType("bf16", "BF16", gguf.LlamaFileType.MOSTLY_BF16, gguf.GGMLQuantizationType.BF16)
     src = tmp_path / "tiny-llava.bf16.gguf"
-    qz._run_llama_quantize(tiny_pair_f32.text_path, src, bf16, kv={}, f16_tensors=[], on_progress=None)
+    qz.run_llama_quantize(tiny_pair_f32.text_path, src, bf16, kv={}, f16_tensors=[], on_progress=None)
     shutil.copy(tiny_pair_f32.mmproj_path, tmp_path / tiny_pair_f32.mmproj_path.name)
     assert read_gguf(src).file_type == "BF16"
     result = quantize(src, bits="q8_0", out=tmp_path / "out")
@@ -251,8 +254,7 @@ def test_catalog_id_uses_the_cached_checkpoint(tiny_checkpoint: Path, tmp_path: 
     (repo_dir / "refs").mkdir(parents=True)
     (repo_dir / "refs" / "main").write_text(sha)
     shutil.copytree(tiny_checkpoint, repo_dir / "snapshots" / sha)
-    result = quantize("llava-1.5-7b", bits="q8_0", out=tmp_path)
-    assert result.text_path.name == "llava-1.5-7b.q8_0.gguf"
+    assert main(["quantize", "llava-1.5-7b", "--bits", "q8_0", "--out", str(tmp_path), "--quiet"]) == 0
     assert _files(tmp_path) == ["llava-1.5-7b.q8_0.gguf", "mmproj-llava-1.5-7b.f16.gguf"]
 
 
@@ -268,15 +270,16 @@ def test_catalog_id_not_in_cache_is_a_one_line_error(tmp_path: Path, capsys: pyt
 def test_unknown_bits_lists_the_choices(tiny_pair_f16: ConvertResult, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(UsageError, match="q4_k_m, q6_k, q8_0, f16"):
         quantize(tiny_pair_f16.text_path, bits="q5_k_m")
-    with pytest.raises(UsageError, match="--mmproj-bits .*f16, q8_0"):
+    with pytest.raises(UsageError, match="for --mmproj-bits: choose one of f16, q8_0"):
         quantize(tiny_pair_f16.text_path, mmproj_bits="q4_k_m")
     assert main(["quantize", str(tiny_pair_f16.text_path), "--bits", "Q3"]) == 2
     assert "choose one of q4_k_m, q6_k, q8_0, f16" in _one_line_error(capsys)
 
 
 def test_bits_accepts_any_case() -> None:
-    assert qz.parse_bits("Q4_K_M") is qz.parse_bits("q4-k-m") is TEXT_TYPES["q4_k_m"]
-    assert qz.parse_bits("Q8_0", MMPROJ_TYPES) is MMPROJ_TYPES["q8_0"]
+    assert parse_bits("Q4_K_M") is parse_bits("q4-k-m") is parse_bits("q4_k") is TEXT_TYPES["q4_k_m"]
+    assert parse_bits("Q8_0", MMPROJ_TYPES) is MMPROJ_TYPES["q8_0"]
+    assert parse_bits("fp16", TEXT_TYPES) is TEXT_TYPES["f16"]
 
 
 def test_quantized_source_is_refused(
@@ -339,31 +342,29 @@ def test_not_enough_disk_is_refused_before_writing(
     assert _files(tmp_path) == []
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path: Path):
-    """A 600 KiB tmpfs (root only): real ENOSPC from the kernel while llama.cpp writes."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
-
-
 def test_disk_full_while_writing_leaves_no_file(
-    pair256: ConvertResult, tiny_tmpfs: Path, monkeypatch: pytest.MonkeyPatch
+    pair256: ConvertResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Let the estimate pass (as if another process filled the disk after the check) so llama.cpp hits ENOSPC.
-    monkeypatch.setattr(qz, "_check_free_space", lambda *a: None)
+    """The kernel's ENOSPC reaches llama.cpp's writer: its temporary output is made a link to /dev/full (every
+    write fails with ENOSPC), as if another process filled the disk after the free-space check. No root needed."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    run = qz.run_llama_quantize
+
+    def onto_full_disk(src: Path, dst: Path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        dst.unlink(missing_ok=True)
+        dst.symlink_to("/dev/full")
+        return run(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(qz, "run_llama_quantize", onto_full_disk)
+    out = tmp_path / "out"
     with pytest.raises(OutputError, match="disk full") as exc:
-        quantize(pair256.text_path, bits="q4_k_m", out=tiny_tmpfs)
+        quantize(pair256.text_path, bits="q4_k_m", out=out)
     assert "tiny256-llava.q4_k_m.gguf" in str(exc.value)
-    assert _files(tiny_tmpfs) == []
+    assert _files(out) == []
+    assert main(["quantize", str(pair256.text_path), "--bits", "q8_0", "--out", str(out), "--quiet"]) == 1
+    assert "disk full" in _one_line_error(capsys)
+    assert _files(out) == []
 
 
 def test_ctrl_c_kills_llama_cpp_and_leaves_no_file(pair256: ConvertResult, tmp_path: Path) -> None:
@@ -412,7 +413,7 @@ def test_output_over_its_source_is_refused(tiny_pair_f16: ConvertResult) -> None
 
 @pytest.mark.slow
 def test_quality_orders_the_quantizations(pair256: ConvertResult, quantized256: dict[str, QuantizeResult]) -> None:
-    inputs = list(zip(qz.quality_images(), qz.QUALITY_PROMPTS, strict=True))[:2]
+    inputs = list(zip(quality.quality_images(), quality.QUALITY_PROMPTS, strict=True))[:2]
     candidates = {(b, "f16"): (quantized256[b].text_path, pair256.mmproj_path) for b in ("f16", "q8_0", "q4_k_m")}
     rows = measure_quality(pair256.text_path, pair256.mmproj_path, candidates, n_answer=8, inputs=inputs)
     by_bits = {r.bits: r for r in rows[1:]}
@@ -422,7 +423,7 @@ def test_quality_orders_the_quantizations(pair256: ConvertResult, quantized256: 
     assert 0 < by_bits["q8_0"].mean_kl < by_bits["q4_k_m"].mean_kl
     assert by_bits["q8_0"].mean_kl < 0.05
     assert by_bits["q8_0"].bits_per_weight > by_bits["q4_k_m"].bits_per_weight
-    table = qz.format_quality_table(rows)
+    table = quality.format_quality_table(rows)
     assert table.count("\n") == len(rows) + 1 and "| Q4_K_M |" in table
 
 

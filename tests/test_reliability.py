@@ -112,10 +112,14 @@ def _argv(case: Case, command: str, bad: Path, src: Sources, work: Path) -> tupl
 
 
 def _named_in(line: str, case: Case, bad: Path) -> bool:
-    """The error line names the file at fault: the file itself, or for a checkpoint the piece of it that is bad."""
+    """The error line names the file at fault: the file itself, or for a checkpoint the checkpoint directory or a
+    file inside it (config.json, a shard, the tokenizer). What the problem is, is `case.expect`, checked apart."""
     if bad.name in line:
         return True
-    return case.family == "checkpoint" and bool(re.search(case.expect, line))
+    if case.family != "checkpoint" or not bad.is_dir():
+        return False
+    inside = {p.name for p in bad.iterdir()} | {"config.json", "tokenizer.model", "model.safetensors"}
+    return any(re.search(rf"(^|[\s/'\"(]){re.escape(name)}\b", line) for name in inside)
 
 
 def _assert_no_traceback(res: CliResult) -> None:

@@ -41,7 +41,10 @@ def test_transformers_loads_every_layout(options: dict, tmp_path: Path) -> None:
     ]:
         np.testing.assert_array_equal(ours.read(canon), state[theirs].numpy())
     cfg = model.config
-    assert cfg.text_config.vocab_size == padded_vocab(PRESETS["tiny"]) == cfg.text_config.vocab_size
+    # transformers' config, the embedding it loaded, and llava-hf's padding rule (384 pieces + <image> + <pad>,
+    # rounded up to a multiple of 64) all agree.
+    assert cfg.text_config.vocab_size == padded_vocab(PRESETS["tiny"]) == 448
+    assert state["lm_head.weight"].shape[0] == cfg.text_config.vocab_size
     assert cfg.text_config.num_key_value_heads == options.get("num_key_value_heads", 4)
 
 

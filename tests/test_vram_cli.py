@@ -9,10 +9,10 @@ from pathlib import Path
 import gguf
 import pytest
 
-from llava_cli import gpu as gpu_mod
 from llava_cli import memory
 from llava_cli.cli.app import main
-from llava_cli.gpu import GPU, GiB, GPUProbe, HostMemory, MiB
+from llava_cli.memory import gpu as gpu_mod
+from llava_cli.memory.gpu import GPU, GiB, GPUProbe, HostMemory, MiB
 from tests.test_memory import CARDS, install_smi, smi_lines
 
 HOST = HostMemory(total=32 * GiB, available=28 * GiB)
@@ -81,7 +81,7 @@ def test_failing_nvidia_smi_plans_for_ram(
     assert "recommended: Q8_0 on the CPU" in out
 
 
-def test_cpu_only_build_says_so(
+def test_cpu_only_build_plans_for_the_card_and_says_so_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     install_smi(tmp_path, monkeypatch, smi_lines(CARDS[24]))
@@ -89,14 +89,37 @@ def test_cpu_only_build_says_so(
     code = main(["vram-check", "--model", "llava-1.5-7b"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "no GPU support" in out and "GGML_CUDA=on" in out
-    assert "on the CPU" in out
+    assert "recommended: Q8_0 fully on GPU 0 (NVIDIA GeForce RTX 4090)" in out
+    lines = [ln for ln in out.splitlines() if "cannot use the GPU yet" in ln]
+    assert len(lines) == 1 and 'CMAKE_ARGS="-DGGML_CUDA=on"' in out
+    data = run_json(capsys, "--model", "llava-1.5-7b")
+    assert data["recommended"] == "Q8_0" and data["recommended_n_gpu_layers"] == 33
+    assert "pip install" in data["build_note"]
+
+
+def test_parallel_multiplies_the_kv_cache(capsys: pytest.CaptureFixture[str]) -> None:
+    one = run_json(capsys, "--model", "llava-1.5-7b", "--gpu-memory", "24GB", "--ctx", "2048")
+    four = run_json(capsys, "--model", "llava-1.5-7b", "--gpu-memory", "24GB", "--ctx", "2048", "--parallel", "4")
+    assert four["parallel"] == 4
+    for a, b in zip(one["estimates"], four["estimates"], strict=True):
+        assert b["kv_cache"] == 4 * a["kv_cache"]
+    assert main(["vram-check", "--model", "llava-1.5-7b", "--parallel", "0"]) == 2
+
+
+def test_no_mmproj_offload_reaches_every_path(tiny_pair_f16, capsys: pytest.CaptureFixture[str]) -> None:
+    """--no-mmproj-offload is honoured for catalog ids, .gguf files and checkpoints alike (it was dropped for
+    catalog entries planned from their local files)."""
+    text, mm = str(tiny_pair_f16.text_path), str(tiny_pair_f16.mmproj_path)
+    for model in (["--model", "llava-1.5-7b"], ["--model", text, "--mmproj", mm]):
+        on = run_json(capsys, *model, "--gpu-memory", "80GB")
+        off = run_json(capsys, *model, "--gpu-memory", "80GB", "--no-mmproj-offload")
+        assert on["recommended_mmproj_on_gpu"] is True and off["recommended_mmproj_on_gpu"] is False
 
 
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
-        (["--model", "nope.gguf"], 1, "model file not found: nope.gguf"),
+        (["--model", "nope.gguf"], 1, "nope.gguf: no such file"),
         (["--model", "no-such-model"], 2, "unknown model 'no-such-model'"),
         (["--model", "llava-1.5-7b", "--gpu-memory", "lots"], 2, "--gpu-memory: cannot read 'lots'"),
         (["--model", "llava-1.5-7b", "--gpu-memory", "0GB"], 2, "not a positive size"),
@@ -113,8 +136,8 @@ def test_not_a_gguf_and_directory(tmp_path: Path, capsys: pytest.CaptureFixture[
     fake.write_text("this is not a model\n")
     assert main(["vram-check", "--model", str(fake)]) == 1
     assert "not a GGUF file" in capsys.readouterr().err
-    assert main(["vram-check", "--model", str(tmp_path)]) == 2
-    assert "is a directory without config.json" in capsys.readouterr().err
+    assert main(["vram-check", "--model", str(tmp_path)]) == 1
+    assert "has no config.json: not a Hugging Face checkpoint directory" in capsys.readouterr().err
 
 
 def test_ctx_below_minimum_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -124,8 +147,10 @@ def test_ctx_below_minimum_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
 def test_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["vram-check", "--help"]) == 0
     out = capsys.readouterr().out
-    for opt in ("--model", "--mmproj", "--ctx", "--gpu-memory", "--no-mmproj-offload", "--json"):
+    for opt in ("--model", "--mmproj", "--ctx", "--gpu-memory", "--no-mmproj-offload", "--parallel", "--json"):
         assert opt in out
+    # The policy is stated where people look for it.
+    assert "fit fully" in out and "most layers on the GPU" in out and "no GPU" in out
 
 
 # ---------------------------------------------------------------------------------- real GGUF headers
@@ -164,7 +189,7 @@ def test_f16_derived_from_architecture_equals_the_converted_file(tiny_pair_f16) 
 def test_q4_k_m_type_choice_matches_llama_cpp(tiny256_checkpoint: Path, tmp_path: Path) -> None:
     """llama.cpp's real Q4_K_M mix (attn_v/ffn_down Q6_K by use_more_bits, output Q6_K) == our prediction."""
     from llava_cli.gguf_info import read_gguf
-    from quantize import convert
+    from quantize.converter import convert
     from quantize.quantizer import quantize
 
     f16 = convert(tiny256_checkpoint, tmp_path, outtype="f16")
@@ -218,6 +243,67 @@ def test_swapped_pair_is_refused(tiny_pair_f16) -> None:
 def test_missing_mmproj_and_swapped_files(tiny_pair_f16, capsys: pytest.CaptureFixture[str]) -> None:
     text, mm = str(tiny_pair_f16.text_path), str(tiny_pair_f16.mmproj_path)
     assert main(["vram-check", "--model", text, "--mmproj", "nope.gguf"]) == 1
-    assert "mmproj file not found: nope.gguf" in capsys.readouterr().err
+    assert "nope.gguf: no such file" in capsys.readouterr().err
     assert main(["vram-check", "--model", mm, "--mmproj", text]) == 1
     assert "vision projector (mmproj), not a text model" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ GPU selection (fakes at the GPU boundary)
+
+
+def test_auto_offload_probes_the_gpus_and_plans_for_the_freest(tiny_pair_f16, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--n-gpu-layers auto's planner as the runtime calls it (no probe passed in): a fake NVML with two cards,
+    the busy one first. The plan goes to the card with room, all layers and the vision encoder on it."""
+    from tests.test_memory import fake_nvml
+
+    text, mm = tiny_pair_f16.text_path, tiny_pair_f16.mmproj_path
+    nvml = fake_nvml([("busy", 8192, 300), CARDS[24]])
+    monkeypatch.setattr(gpu_mod, "_import_pynvml", lambda: nvml)
+    plan = memory.plan_offload(text, mm, n_ctx=2048)
+    assert (plan.n_gpu_layers, plan.mmproj_on_gpu) == (-1, True)
+    assert plan.estimate is not None and plan.estimate.device == f"GPU 1 ({CARDS[24][0]})"
+    assert nvml.calls == ["init", "shutdown"]
+    # CUDA_VISIBLE_DEVICES=0 leaves only the busy card: nothing fits, text and vision stay on the CPU.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    plan = memory.plan_offload(text, mm, n_ctx=2048)
+    assert (plan.n_gpu_layers, plan.mmproj_on_gpu) == (0, False)
+    # A CPU-only build (this machine's) never offloads, whatever the card.
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(gpu_mod, "gpu_offload_supported", lambda: False)
+    plan = memory.plan_offload(text, mm, n_ctx=2048)
+    assert (plan.n_gpu_layers, plan.mmproj_on_gpu) == (0, False) and "no GPU support" in plan.reason
+
+
+def test_auto_offload_accepts_flash_attn_auto_and_parallel(tiny_pair_f16) -> None:
+    """flash_attn reaches the planner as the runtime has it: True, False or None ("auto", planned as off on the
+    GPU, the larger buffer). parallel sequences each add a KV slot."""
+    text, mm = tiny_pair_f16.text_path, tiny_pair_f16.mmproj_path
+    big = GPUProbe((GPU(0, "A100", 80 * GiB, 79 * GiB, "nvml"),), "nvml", True, HOST)
+    plans = {fa: memory.plan_offload(text, mm, n_ctx=2048, gpus=big, flash_attn=fa) for fa in (None, False, True)}
+    assert {p.n_gpu_layers for p in plans.values()} == {-1}
+    est = {fa: p.estimate for fa, p in plans.items()}
+    assert est[None] is not None and est[False] is not None and est[True] is not None
+    assert est[None].compute == est[False].compute >= est[True].compute
+    four = memory.plan_offload(text, mm, n_ctx=2048, gpus=big, parallel=4).estimate
+    assert four is not None and four.kv_cache == 4 * est[None].kv_cache
+
+
+@pytest.mark.gpu
+def test_gpu_smoke_auto_plan_loads_on_the_gpu(tiny_pair_f16, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a GPU and a GPU build exist: the planner's layers load on the card and the model decodes."""
+    import llama_cpp
+
+    monkeypatch.undo()  # the real NVML, RAM and build, not this module's fixed machine
+    if not llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama-cpp-python build has no GPU support (CPU wheel)")
+    probe = gpu_mod.probe()
+    if not probe.gpus:
+        pytest.skip("no GPU found: " + "; ".join(probe.notes))
+    plan = memory.plan_offload(tiny_pair_f16.text_path, tiny_pair_f16.mmproj_path, n_ctx=2048, gpus=probe)
+    assert plan.n_gpu_layers == -1, plan.reason  # a 1 MB model fits any card
+    llm = llama_cpp.Llama(str(tiny_pair_f16.text_path), n_gpu_layers=plan.n_gpu_layers, n_ctx=512, verbose=False)
+    try:
+        out = llm("USER: hello ASSISTANT:", max_tokens=4, temperature=0.0)
+        assert out["usage"]["completion_tokens"] >= 1
+    finally:
+        llm.close()

@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         quiet: QuietOpt = False,
     ) -> None:
-        from quantize import convert
+        from quantize.converter import convert
 
         with progress_bar("Converting", unit="bytes", quiet=quiet) as on_progress:
             result = convert(checkpoint, out, outtype=outtype, name=name, on_progress=on_progress)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from llava_cli.catalog import Catalog, ModelEntry, load_catalog, normalize_bits
+from llava_cli.catalog import load_catalog
 from llava_cli.cli.options import BitsOpt, JsonOpt, QuietOpt
 from llava_cli.cli.progress import progress_bar
+from llava_cli.quants import normalize_bits
 
 # llava_cli.resolve (and huggingface_hub under it) is imported inside the commands: `llava --help` stays fast.
 
@@ -58,62 +58,10 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def _local_bits(entry: ModelEntry, models_dir: Path) -> list[str]:
-    """Every quantization we could find on disk for `entry`: catalog ones plus what the manifest records."""
-    from llava_cli.resolve import MANIFEST
-
-    bits = list(dict.fromkeys([*entry.gguf, *entry.quantizations]))
-    try:
-        manifest = json.loads((models_dir / entry.id / MANIFEST).read_text(encoding="utf-8"))
-        bits += [b for b in manifest.get("files", {}) if b not in bits]
-    except (OSError, ValueError, AttributeError):
-        pass
-    return bits
-
-
-def model_rows(catalog: Catalog) -> list[dict[str, Any]]:
-    """One dict per model: what `llava models --json` prints."""
-    from llava_cli.paths import models_dir
-    from llava_cli.resolve import local_pair
-
-    root = models_dir()
-    rows = []
-    for entry in catalog:
-        local: dict[str, Any] = {}
-        seen: set[Path] = set()
-        total = 0
-        for bits in _local_bits(entry, root):
-            pair = local_pair(entry, bits)
-            if pair is None:
-                continue
-            size = 0
-            for f in pair:
-                real = f.resolve()
-                n = real.stat().st_size
-                size += n
-                if real not in seen:
-                    seen.add(real)
-                    total += n
-            local[bits] = {"text_path": str(pair[0]), "mmproj_path": str(pair[1]), "bytes": size}
-        rows.append(
-            {
-                "id": entry.id,
-                "description": entry.description,
-                "source": entry.source,
-                "checkpoint": entry.checkpoint,
-                "default": entry.id == catalog.default_model,
-                "default_bits": entry.default_bits or catalog.default_bits,
-                "published": sorted(entry.gguf),
-                "local": local,
-                "size_on_disk": total,
-                "noise": entry.noise,
-            }
-        )
-    return rows
-
-
 def models(json_out: JsonOpt = False) -> None:
     """List the catalog's models, which quantizations are on disk, and their size."""
+    from llava_cli.resolve import model_rows
+
     catalog = load_catalog()
     rows = model_rows(catalog)
     if json_out:
@@ -142,13 +90,12 @@ def models(json_out: JsonOpt = False) -> None:
 
 def pull(model: ModelArg, bits: BitsOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Download (or build) a model now."""
-    from llava_cli.resolve import resolve_model
+    from llava_cli.resolve import identify, resolve_model
 
     # Bad arguments fail before a progress bar is drawn.
     if bits is not None:
         normalize_bits(bits)
-    if not Path(model).expanduser().exists():
-        load_catalog().get(model)
+    identify(model)
     with progress_bar(f"pull {model}" + (f" {bits}" if bits else ""), quiet=quiet or json_out) as update:
         resolved = resolve_model(model, bits=bits, download=True, on_progress=update)
     if json_out:

@@ -83,9 +83,15 @@ def register(app: typer.Typer) -> None:
         quiet: QuietOpt = False,
     ) -> None:
         # Imported here so `llava --help` stays fast.
-        from quantize.quantizer import format_quality_table, parse_bits, quantize
+        from llava_cli.quants import MMPROJ_TYPES, TEXT_TYPES, parse_bits
+        from llava_cli.resolve import quantize_source
+        from quantize.quality import format_quality_table
+        from quantize.quantizer import quantize
 
-        parse_bits(bits or "q4_k_m")  # a bad value fails before anything is read
+        # Bad values fail before anything is read.
+        parse_bits(bits or "q4_k_m", TEXT_TYPES)
+        parse_bits(mmproj_bits, MMPROJ_TYPES, "--mmproj-bits")
+        path, default_out = quantize_source(source)
         with contextlib.ExitStack() as bars:
             current: list[ProgressFn] = []
 
@@ -99,10 +105,10 @@ def register(app: typer.Typer) -> None:
 
             try:
                 result = quantize(
-                    source,
+                    path,
                     bits=bits or "q4_k_m",
                     mmproj_bits=mmproj_bits,
-                    out=out,
+                    out=out if out is not None else default_out,
                     on_progress=on_progress,
                     on_stage=on_stage,
                     report=report,

@@ -234,7 +234,7 @@ def probe(*, gpu_memory: str | int | None = None, offload_supported: bool | None
 
     ``gpu_memory`` (bytes or a size string like "12GB") plans for a single card of that size that you may not
     have; it is taken as the card's free memory. ``offload_supported`` overrides the llama-cpp-python check
-    (a planned card implies a GPU build).
+    (tests use it to stand for a CUDA build).
     """
     host = host_memory()
     if gpu_memory is not None:
@@ -242,12 +242,10 @@ def probe(*, gpu_memory: str | int | None = None, offload_supported: bool | None
         if size <= 0:
             raise UsageError(f"--gpu-memory: {gpu_memory!r} is not a positive size", hint="e.g. 12GB")
         card = GPU(0, f"planned {size / GiB:g} GiB card", size, size, "--gpu-memory")
-        supported = True if offload_supported is None else offload_supported
-        planned_notes: tuple[str, ...] = ()
-        if offload_supported is None and not gpu_offload_supported():
-            # Planning for a card is fine, but running on it would need a GPU build: say so now.
-            planned_notes = ("the installed llama-cpp-python cannot use a GPU; " + GPU_REINSTALL_HINT,)
-        return GPUProbe((card,), "--gpu-memory", supported, host, planned_notes)
+        # A planned card is planned for whatever this build can do; the report adds the reinstall line when the
+        # installed llama-cpp-python could not use it.
+        supported = gpu_offload_supported() if offload_supported is None else offload_supported
+        return GPUProbe((card,), "--gpu-memory", supported, host)
 
     notes: list[str] = []
     gpus, why = probe_nvml()
@@ -264,6 +262,5 @@ def probe(*, gpu_memory: str | int | None = None, offload_supported: bool | None
         notes.append(f"{source} lists no usable GPU")
         source = "none"
     supported = gpu_offload_supported() if offload_supported is None else offload_supported
-    if gpus and not supported:
-        notes.append("this llama-cpp-python build has no GPU support, so the plan is for the CPU")
+    # A GPU this build cannot use is still planned for (the report says so once, with GPU_REINSTALL_HINT).
     return GPUProbe(tuple(gpus), source, supported, host, tuple(notes))
