@@ -81,9 +81,8 @@ def write_legacy_mmproj(
 
     def add(hf_name: str, data: np.ndarray) -> None:
         data = data.squeeze()
-        if data.ndim == 4 and not patch_f32:
-            data = data.astype(np.float16)
-        elif f16 and data.ndim == 2 and hf_name.endswith(".weight"):
+        conv = data.ndim == 4 and not patch_f32
+        if conv or (f16 and data.ndim == 2 and hf_name.endswith(".weight")):
             data = data.astype(np.float16)
         else:
             data = data.astype(np.float32)
