@@ -21,7 +21,9 @@ layout with exact weights, so an F32 parity test measures the graph and not the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -103,3 +105,54 @@ def write_legacy_mmproj(
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+TensorEdit = Callable[[str, np.ndarray, gguf.GGMLQuantizationType], "tuple[str, np.ndarray, Any] | None"]
+
+
+def rewrite_mmproj(
+    src: Path,
+    dst: Path,
+    *,
+    edit: TensorEdit | None = None,
+    keys: dict[str, tuple[Any, gguf.GGUFValueType]] | None = None,
+) -> Path:
+    """Copy an mmproj through gguf's writer; `edit(name, data, type)` returns the tensor to write (or None to
+    drop it), `keys` replaces or adds key values. What another converter, or a broken one, writes."""
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(str(dst), "clip")
+    keys = dict(keys or {})
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        if name in keys:
+            value, vtype = keys.pop(name)
+            writer.add_key_value(name, value, vtype)
+        elif f.types[0] == gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(name, f.contents(), f.types[0], sub_type=f.types[-1])
+        else:
+            writer.add_key_value(name, f.contents(), f.types[0])
+    for name, (value, vtype) in keys.items():
+        writer.add_key_value(name, value, vtype)
+    for t in reader.tensors:
+        item = (t.name, np.array(t.data), t.tensor_type)
+        out = edit(*item) if edit else item
+        if out is not None:
+            writer.add_tensor(out[0], out[1], raw_dtype=out[2])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def quantize_matmuls(src: Path, dst: Path, qtype: gguf.GGMLQuantizationType) -> Path:
+    """`src` with every 2-D matmul weight (attention, FFN, projector) quantized by gguf's numpy quantizer (bit-exact
+    with ggml for Q8_0); the patch and position embeddings stay as they are, as llama-quantize leaves them."""
+
+    def edit(name: str, data: np.ndarray, t: gguf.GGMLQuantizationType) -> tuple[str, np.ndarray, Any]:
+        if data.ndim == 2 and name.endswith(".weight") and ("blk." in name or name.startswith("mm.")):
+            return name, gguf.quants.quantize(data.astype(np.float32), qtype), qtype
+        return name, data, t
+
+    return rewrite_mmproj(src, dst, edit=edit)

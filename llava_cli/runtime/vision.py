@@ -142,15 +142,15 @@ def inspect_mmproj(path: str | Path) -> tuple[VisionSpec, dict[str, Any]]:
             if optional:
                 return False
             raise fail(f"lacks tensor '{name}'")
+        if t.tensor_type not in types:
+            allowed = ", ".join(sorted(q.name for q in types))
+            raise fail(f"tensor '{name}' is {t.tensor_type.name}; the vision graph takes {allowed} there")
         got = tuple(int(d) for d in t.shape)
         # GGUF drops trailing 1-dims, ggml keeps up to 4: compare without them.
         while len(got) > len(ne) and got[-1] == 1:
             got = got[:-1]
         if got != ne:
             raise fail(f"tensor '{name}' has shape {list(got)}, the graph needs {list(ne)}")
-        if t.tensor_type not in types:
-            allowed = ", ".join(sorted(q.name for q in types))
-            raise fail(f"tensor '{name}' is {t.tensor_type.name}; the vision graph takes {allowed} there")
         return True
 
     # Feature layers: the key as written (llama.cpp's index k = HF hidden_states[k]); without it every stored
