@@ -7,7 +7,7 @@ Each round times every configuration once, in turn, so machine drift hits all of
 median seconds per image and the ratio ours / mtmd at the same flash-attention setting. "batch 4" is one graph
 evaluation of 4 images for ours, 4 sequential encodes for mtmd (its LLaVA graph has no batch support).
 
-    nice -n 5 python bench/bench_vision.py --threads 2 --rounds 3
+    nice -n 5 python bench/bench_vision.py --threads 2 --rounds 3 2>/dev/null
 """
 
 from __future__ import annotations
@@ -91,8 +91,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batches", default="1,4", help="batch sizes to time, comma-separated (default: 1,4)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the synthetic model (default: a temp dir)")
     args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
 
     from llava_cli.runtime.vision import VisionEncoder
     from tests.model_fixtures import test_image
@@ -112,11 +114,10 @@ def main() -> None:
             enc = VisionEncoder(mmproj, n_threads=args.threads, flash_attn=fa)
             closers += [m.close, enc.close]
             px1 = enc.preprocess(Image.fromarray(rgb))[None]
-            px4 = np.repeat(px1, 4, axis=0)
-            runners[f"mtmd {tag} b1"] = lambda m=m: m.encode(1)
-            runners[f"ours {tag} b1"] = lambda enc=enc, px=px1: enc.encode(px)  # type: ignore[misc]
-            runners[f"mtmd {tag} b4"] = lambda m=m: m.encode(4)
-            runners[f"ours {tag} b4"] = lambda enc=enc, px=px4: enc.encode(px)  # type: ignore[misc]
+            for b in batches:
+                px = np.repeat(px1, b, axis=0)
+                runners[f"mtmd {tag} b{b}"] = lambda m=m, b=b: m.encode(b)
+                runners[f"ours {tag} b{b}"] = lambda enc=enc, px=px: enc.encode(px)  # type: ignore[misc]
         for run in runners.values():  # warm-up: graph allocation, first-touch of the weights
             run()
         times: dict[str, list[float]] = {k: [] for k in runners}
@@ -129,13 +130,13 @@ def main() -> None:
         for close in closers:
             close()
 
-    per_image = {k: statistics.median(v) / (4 if k.endswith("b4") else 1) for k, v in times.items()}
+    per_image = {k: statistics.median(v) / int(k.rsplit("b", 1)[1]) for k, v in times.items()}
     print(f"\nimage encode, CLIP-L/336 F16, {args.threads} threads, median of {args.rounds} rounds (s per image)")
     print(f"{'attention':<12}{'batch':>6}{'mtmd':>10}{'ours':>10}{'ours/mtmd':>11}")
     for tag in ("no-fa", "fa"):
-        for b in ("b1", "b4"):
-            m, o = per_image[f"mtmd {tag} {b}"], per_image[f"ours {tag} {b}"]
-            print(f"{tag:<12}{b[1:]:>6}{m:>10.3f}{o:>10.3f}{o / m:>10.2f}x")
+        for b in batches:
+            m, o = per_image[f"mtmd {tag} b{b}"], per_image[f"ours {tag} b{b}"]
+            print(f"{tag:<12}{b:>6}{m:>10.3f}{o:>10.3f}{o / m:>10.2f}x")
 
 
 if __name__ == "__main__":
