@@ -66,9 +66,10 @@ FLOAT_TYPES = frozenset({_Q.F32, _Q.F16})
 FEATURE_LAYER_KEY = "clip.vision.feature_layer"
 QUICK_GELU_COEF = 1.702  # CLIP's quick_gelu: x * sigmoid(1.702 x)
 DEFAULT_MAX_BATCH = 4  # images per graph evaluation (memory: ~100 MB of activations per CLIP-L image)
-# Attention kernel when the caller does not choose: whichever bench/bench_vision.py measured faster at equal
-# results on CPU (docs/vision.md).
-DEFAULT_FLASH_ATTN = False
+# Attention kernel when the caller does not choose, from measurements at equal results (docs/vision.md): flash
+# attention (F32 K/V) is faster for CLIP-L's 64-wide heads (bench/bench_vision.py: 0.91x mtmd vs 1.15x for
+# soft_max), equal at 64 in the tiny256 test model, and ~20x slower for 16-wide heads (the tiny test model).
+FLASH_ATTN_MIN_HEAD_DIM = 64
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,8 @@ class VisionEncoder:
         self.image_mean = spec.image_mean
         self.image_std = spec.image_std
         self.image_fit: ImageFit = image_fit
-        self.flash_attn = DEFAULT_FLASH_ATTN if flash_attn is None else bool(flash_attn)
+        head_dim = spec.n_embd_v // spec.n_head
+        self.flash_attn = head_dim >= FLASH_ATTN_MIN_HEAD_DIM if flash_attn is None else bool(flash_attn)
         self.max_batch = max(1, int(max_batch))
         self._lock = threading.Lock()
         self._g = ggml.lib()
