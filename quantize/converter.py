@@ -65,7 +65,7 @@ def convert(
     if outtype not in OUTTYPES:
         raise UsageError(f"--outtype {outtype!r} is not supported; choose f32 or f16")
     if vision_layout not in VISION_LAYOUTS:
-        raise UsageError(f"vision layout {vision_layout!r} is not supported; choose {', '.join(VISION_LAYOUTS)}")
+        raise UsageError(f"--vision-layout {vision_layout!r} is not supported; choose {', '.join(VISION_LAYOUTS)}")
     start = time.perf_counter()
     ckpt = open_checkpoint(checkpoint)
     name = name or ckpt.path.resolve().name

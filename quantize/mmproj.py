@@ -9,9 +9,16 @@ What the vendored llama.cpp (llama-cpp-python 0.3.36) needs, from GGUF_LLAVA.md 
   key the graph would run one block fewer (llama.cpp issue #25817). No ``v.post_ln`` (LLaVA skips it).
 * ``v.class_embd`` F32 (an F16 one aborts in ggml_concat), all 1-D tensors F32, position table F32.
 
-The vendored graph appends the CLS token *after* the patches and gives token i position i, so HF's layout
-cannot be reproduced exactly; ``VISION_LAYOUTS`` are the ways of writing the embeddings we measured
-(tests/test_vision_fidelity.py); ``DEFAULT_VISION_LAYOUT`` is the closest to transformers.
+Vision layouts (``VISION_LAYOUTS``), recorded in ``general.description`` ("... vision layout <name>"):
+
+* ``standard`` (default): HF's embeddings as they are — ``v.class_embd`` (F32) and the full N+1-row position
+  table, CLS at row 0. llava-cli's own vision graph (llava_cli/runtime/vision.py) computes transformers' image
+  features exactly from it; llama.cpp and Ollama load it too (their graph puts CLS after the patches, llama.cpp
+  issue #25814, so there one patch is dropped and the others get their neighbour's position).
+* ``no_cls``: no class embedding, the position table cut to the N patch rows. In llama.cpp's graph every patch
+  then keeps its slot and its HF position, only the CLS token is missing from attention: the closer
+  approximation *for people who run our files in llama.cpp/Ollama* (docs/vision.md). llava-cli runs it as what it
+  is (patches only), which is not exact.
 """
 
 from __future__ import annotations
@@ -28,16 +35,11 @@ PROJECTOR_TYPE = "mlp"
 # The wheel lacks Keys.ClipVision.FEATURE_LAYER (newer gguf-py has it): derive it from the clip.vision prefix.
 FEATURE_LAYER_KEY = gguf.Keys.ClipVision.BLOCK_COUNT.rsplit(".", 1)[0] + ".feature_layer"
 
-# How the class token and the position table are written (GGUF_LLAVA.md section 2.4):
-#   legacy  llama.cpp's own layout: stock position table and class embedding. The graph gives patch j the
-#           position of patch j-1 and the slots hold patches 1..575 + the CLS output.
-#   rolled  position table rotated by one row so every token gets its HF position; the slots still hold
-#           patches 1..575 + CLS (shifted by one against HF).
-#   no_cls  no class embedding and the position table cut to the patch rows: slot i holds patch i with its HF
-#           position, but the CLS token takes no part in attention.
-VISION_LAYOUTS = ("legacy", "rolled", "no_cls")
-# Chosen by measurement on the synthetic checkpoints (tests/test_vision_fidelity.py, docs/converter.md).
-DEFAULT_VISION_LAYOUT = "no_cls"
+# How the class token and the position table are written (module docstring). Older files may also say "legacy"
+# (= standard) or "rolled" (position table rotated for llama.cpp's graph); llava-cli still reads both exactly.
+VISION_LAYOUTS = ("standard", "no_cls")
+# Exact in llava-cli's graph (tests/test_vision_graph.py) and what llama.cpp's own conversions write.
+DEFAULT_VISION_LAYOUT = "standard"
 
 
 def add_mmproj_metadata(
@@ -94,13 +96,9 @@ def mmproj_tensors(ckpt: Checkpoint, *, outtype: str, vision_layout: str) -> lis
 
     n_pos, vh = ckpt.tensors["vision.embeddings.position_embedding.weight"].shape
     add("vision.embeddings.patch_embedding.weight")
-    if vision_layout != "no_cls":
+    if vision_layout == "standard":
         add("vision.embeddings.class_embedding", keep_f32=True)
-    if vision_layout == "legacy":
         add("vision.embeddings.position_embedding.weight", keep_f32=True)
-    elif vision_layout == "rolled":
-        # Row j+1 (HF position of patch j) moves to row j; the CLS row 0 goes last, where the graph puts CLS.
-        add("vision.embeddings.position_embedding.weight", keep_f32=True, transform=lambda p: np.roll(p, -1, axis=0))
     else:
         add(
             "vision.embeddings.position_embedding.weight",

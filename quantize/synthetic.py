@@ -68,6 +68,9 @@ class SyntheticSpec:
     image_size: int = 336
     patch_size: int = 14
     tie_word_embeddings: bool = False
+    # Multiplies the init scale of every vision-tower matmul (q/k/v/out, fc1/fc2): > 1 gives "strong" vision
+    # layers (peaky attention, large residual updates), where small graph differences would show.
+    vision_gain: float = 1.0
 
 
 PRESETS: dict[str, SyntheticSpec] = {
@@ -188,13 +191,14 @@ def canonical_tensors(spec: SyntheticSpec) -> list[tuple[str, tuple[int, ...], t
     for i in range(spec.vision_num_hidden_layers):
         p = f"vision.encoder.layers.{i}."
         for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
-            lin(p + f"self_attn.{proj}.weight", vh, vh, 2.0 if proj in ("q_proj", "k_proj") else 1.0)
+            gain = (2.0 if proj in ("q_proj", "k_proj") else 1.0) * spec.vision_gain
+            lin(p + f"self_attn.{proj}.weight", vh, vh, gain)
             out.append((p + f"self_attn.{proj}.bias", (vh,), ("normal", 0.05)))
         out.append((p + "layer_norm1.weight", (vh,), ("norm", 0.1)))
         out.append((p + "layer_norm1.bias", (vh,), ("normal", 0.05)))
-        lin(p + "mlp.fc1.weight", vf, vh)
+        lin(p + "mlp.fc1.weight", vf, vh, spec.vision_gain)
         out.append((p + "mlp.fc1.bias", (vf,), ("normal", 0.05)))
-        lin(p + "mlp.fc2.weight", vh, vf)
+        lin(p + "mlp.fc2.weight", vh, vf, spec.vision_gain)
         out.append((p + "mlp.fc2.bias", (vh,), ("normal", 0.05)))
         out.append((p + "layer_norm2.weight", (vh,), ("norm", 0.1)))
         out.append((p + "layer_norm2.bias", (vh,), ("normal", 0.05)))

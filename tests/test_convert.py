@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from llava_cli.cli.app import main
-from llava_cli.errors import CheckpointError
+from llava_cli.errors import CheckpointError, UsageError
 from quantize import ConvertResult, convert
 from quantize.checkpoint import Checkpoint, open_checkpoint
 from quantize.synthetic import PRESETS, make_checkpoint, padded_vocab
@@ -84,19 +84,22 @@ def test_mmproj_metadata_and_tensors(tiny_pair_f16: ConvertResult) -> None:
     tensors = _tensors(tiny_pair_f16.mmproj_path)
     assert f"v.blk.{depth - 1}.attn_q.weight" in tensors and f"v.blk.{depth}.attn_q.weight" not in tensors
     assert not any(n.startswith("v.post_ln") for n in tensors)
-    # Default vision layout "no_cls": no class embedding, position table cut to the 576 patch rows (F32).
-    assert "v.class_embd" not in tensors
-    assert tensors["v.position_embd.weight"] == ("F32", [spec.vision_hidden_size, 576])
+    # Default vision layout "standard": F32 class embedding (an F16 one aborts llama.cpp in ggml_concat) and the
+    # full 577-row position table (F32), as llama.cpp's own conversions write them.
+    assert tensors["v.class_embd"] == ("F32", [spec.vision_hidden_size])
+    assert tensors["v.position_embd.weight"] == ("F32", [spec.vision_hidden_size, 577])
+    assert kv[k.General.DESCRIPTION].endswith("vision layout standard")
     assert tensors["mm.0.weight"] == ("F16", [spec.vision_hidden_size, spec.hidden_size])
     assert tensors["mm.2.weight"] == ("F16", [spec.hidden_size, spec.hidden_size])
     assert tensors["mm.0.bias"][0] == "F32" and "mm.1.weight" not in tensors
 
 
-def test_legacy_layout_keeps_f32_class_embedding(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    result = convert(tiny_checkpoint, tmp_path, vision_layout="legacy")
+def test_no_cls_layout_drops_the_class_embedding(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    result = convert(tiny_checkpoint, tmp_path, vision_layout="no_cls")
     tensors = _tensors(result.mmproj_path)
-    assert tensors["v.class_embd"][0] == "F32"  # an F16 class embedding aborts llama.cpp (ggml_concat)
-    assert tensors["v.position_embd.weight"][1] == [PRESETS["tiny"].vision_hidden_size, 577]
+    assert "v.class_embd" not in tensors
+    assert tensors["v.position_embd.weight"] == ("F32", [PRESETS["tiny"].vision_hidden_size, 576])
+    assert _fields(result.mmproj_path)[gguf.Keys.General.DESCRIPTION].endswith("vision layout no_cls")
 
 
 def test_qk_permutation(tiny_checkpoint: Path, tiny_pair_f32: ConvertResult) -> None:
@@ -174,6 +177,14 @@ def test_cli_converts_and_prints_paths(tiny_checkpoint: Path, tmp_path: Path, ca
     assert code == 0
     assert out == [str(tmp_path / "m.f16.gguf"), str(tmp_path / "mmproj-m.f16.gguf")]
     assert all(Path(p).is_file() for p in out)
+    assert "v.class_embd" in _tensors(tmp_path / "mmproj-m.f16.gguf")  # standard layout by default
+
+
+def test_cli_vision_layout_no_cls(tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["convert", str(tiny_checkpoint), "--out", str(tmp_path), "--quiet", "--vision-layout", "no_cls"]
+    assert main(args) == 0
+    mmproj = Path(capsys.readouterr().out.split()[1])
+    assert "v.class_embd" not in _tensors(mmproj)
 
 
 def _mutated(src: Path, dst: Path) -> Path:
@@ -265,3 +276,9 @@ def test_kv_type_check_refuses_bad_values(adder: str, value: object) -> None:
     getattr(writer, adder)("llama.some_key", value)
     with pytest.raises(ModelFileError, match="llama.some_key"):
         check_kv_types(writer)
+
+
+def test_unknown_vision_layout_is_a_usage_error(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"--vision-layout 'rolled' is not supported; choose standard, no_cls"):
+        convert(tiny_checkpoint, tmp_path, vision_layout="rolled")
+    assert not list(tmp_path.iterdir())

@@ -16,6 +16,9 @@ Writes <name>.<outtype>.gguf (the language model) and mmproj-<name>.<outtype>.gg
 into --out. Works on any transformers-written layout, single or sharded safetensors, F32/F16/BF16 weights,
 streaming one tensor at a time. Nothing is left under the final names if it fails or is interrupted.
 
+The mmproj is written in the standard layout (class embedding + full position table), which llava-cli computes
+exactly and llama.cpp/Ollama also load; --vision-layout no_cls is for running the files in llama.cpp/Ollama.
+
 Examples:
 
   llava convert ./llava-1.5-7b-hf --out models/
@@ -57,12 +60,24 @@ def register(app: typer.Typer) -> None:
                 show_default=False,
             ),
         ] = None,
+        vision_layout: Annotated[
+            str,
+            typer.Option(
+                "--vision-layout",
+                help="How the mmproj stores the class token: standard (exact in llava-cli; llama.cpp and Ollama "
+                "load it too but put the class token after the patches, so one patch is lost and the others are "
+                "one position off) or no_cls (drops the class token: the closer approximation inside "
+                "llama.cpp/Ollama, not exact in llava-cli). Example: --vision-layout no_cls",
+            ),
+        ] = "standard",
         quiet: QuietOpt = False,
     ) -> None:
         from quantize.converter import convert
 
         with progress_bar("Converting", unit="bytes", quiet=quiet) as on_progress:
-            result = convert(checkpoint, out, outtype=outtype, name=name, on_progress=on_progress)
+            result = convert(
+                checkpoint, out, outtype=outtype, name=name, on_progress=on_progress, vision_layout=vision_layout
+            )
         if not quiet:
             mb = result.n_bytes / 1e6
             stderr.print(f"converted {mb:.1f} MB in {result.seconds:.1f} s")

@@ -24,7 +24,8 @@ class Interrupted(LlavaError):
 HELP = (
     "Quantize a LLaVA model with llama.cpp's own quantizer (all cores): text model and vision projector.\n\n"
     "SOURCE is a Hugging Face checkpoint directory (converted to F16 first, in a temporary directory removed "
-    "afterwards), an F16/F32/BF16 text-model .gguf with its mmproj-*.gguf beside it, or a catalog id whose "
+    "afterwards; its mmproj in the standard layout, see `llava convert --help`), an F16/F32/BF16 text-model "
+    ".gguf with its mmproj-*.gguf beside it, or a catalog id whose "
     "checkpoint is already in the local Hugging Face cache.\n\n"
     "Writes <model>.<bits>.gguf and mmproj-<model>.<mmproj-bits>.gguf. A file that is already quantized is "
     "refused: quantize from F16.\n\n"
