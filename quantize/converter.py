@@ -20,6 +20,7 @@ import numpy as np
 
 from llava_cli.atomic import atomic_path, output_error
 from llava_cli.errors import ModelFileError, UsageError
+from llava_cli.quants import ALL_TYPES, parse_bits
 from quantize.checkpoint import TensorPlan, open_checkpoint
 from quantize.mmproj import DEFAULT_VISION_LAYOUT, VISION_LAYOUTS, add_mmproj_metadata, mmproj_tensors
 from quantize.text_model import add_text_metadata, load_vocab, text_tensors
@@ -61,9 +62,8 @@ def convert(
     after every tensor. ``vision_layout`` is one of ``quantize.mmproj.VISION_LAYOUTS`` (see there).
     Raises CheckpointError / InputNotFoundError for bad input, OutputError when `out` cannot be written.
     """
-    outtype = outtype.lower()
-    if outtype not in OUTTYPES:
-        raise UsageError(f"--outtype {outtype!r} is not supported; choose f32 or f16")
+    # The one --bits parser, so `--outtype fp16` works here as it does for run and quantize.
+    outtype = parse_bits(outtype, {k: ALL_TYPES[k] for k in OUTTYPES}, "--outtype").name
     if vision_layout not in VISION_LAYOUTS:
         raise UsageError(f"--vision-layout {vision_layout!r} is not supported; choose {', '.join(VISION_LAYOUTS)}")
     start = time.perf_counter()

@@ -1,6 +1,7 @@
 """The vision half of a LLaVA checkpoint as a llama.cpp ``clip`` mmproj GGUF: CLIP ViT + 2-layer MLP projector.
 
-What the vendored llama.cpp (llama-cpp-python 0.3.36) needs, from GGUF_LLAVA.md section 2:
+What the vendored llama.cpp (llama-cpp-python 0.3.36) needs from an mmproj (each point was checked by loading files
+written this way and broken on purpose with that llama.cpp; tests/test_convert.py keeps the good ones loading):
 
 * ``clip.projector_type = "mlp"``, projector tensors ``mm.0`` / ``mm.2`` (gguf's name map says ``mm.1``, which
   segfaults the graph, so the projector names are formatted from ``MODEL_TENSOR.V_MMPROJ`` by hand).

@@ -31,7 +31,8 @@ def permute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
     """Reorder Q/K rows from HF's rotate-half RoPE layout to llama.cpp's adjacent-pair ("normal") RoPE.
 
     Within each head, rows [0..d/2) and [d/2..d) are interleaved: 0, d/2, 1, d/2+1, ... Without this the
-    logits are garbage (cosine 0.68 against HF, GGUF_LLAVA.md section 1.4). K uses the KV head count."""
+    logits are garbage (cosine 0.68 against HF; tests/test_parity.py checks the permuted result). K uses the
+    KV head count."""
     rows = weight.shape[0]
     return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 

@@ -2,7 +2,7 @@
 
 The published files come from ``tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py`` run on a CLIP
 directory plus the projector saved by ``llava_surgery``. What that script writes, reproduced here from a
-synthetic llava-hf checkpoint (GGUF_LLAVA.md section 2.8):
+synthetic llava-hf checkpoint (layout reproduced by running that script on synthetic checkpoints):
 
 * keys: ``clip.has_text_encoder`` false, ``clip.has_vision_encoder`` / ``clip.has_llava_projector`` true,
   description "image encoder for LLaVA", projector type ``mlp``, ``projection_dim`` 768 (CLIP's own projection,
