@@ -21,9 +21,9 @@ import errno
 import os
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
 from llava_cli.errors import InputNotFoundError, LlavaError, UsageError
 
@@ -88,7 +88,7 @@ def name_bytes(name: str | os.PathLike[str]) -> bytes:
     try:
         return os.fsencode(name)
     except UnicodeEncodeError:  # a surrogate that no OS name decodes to (e.g. from JSON): keep it as UTF-16 would
-        return os.fspath(name).encode("utf-8", "surrogatepass")  # type: ignore[union-attr]
+        return os.fspath(name).encode("utf-8", "surrogatepass")
 
 
 def is_utf8_name(name: str | os.PathLike[str]) -> bool:
@@ -159,8 +159,8 @@ def require_regular(
 
 
 def too_large(name: str, size: int | None, limit: int, lim: Limit, error: Callable[..., LlavaError]) -> LlavaError:
-    amount = f"is {size / MiB:,.1f} MiB" if size is not None else "holds"
-    return error(f"{name} {amount}, more than the {limit / MiB:g} MiB {lim.what} limit", hint=lim.how_to_raise(size))
+    amount = f"is {size / MiB:,.1f} MiB," if size is not None else "holds"
+    return error(f"{name} {amount} more than the {limit / MiB:g} MiB {lim.what} limit", hint=lim.how_to_raise(size))
 
 
 def read_stream(stream: BinaryIO, limit: int) -> bytes | None:
@@ -258,6 +258,52 @@ def read_file(
     return data
 
 
+def _refuse_nul(name: str, data: bytes | str) -> None:
+    if (b"\0" in data) if isinstance(data, bytes) else ("\0" in data):
+        raise UsageError(f"{name} is not text (it holds a NUL byte)", hint="give a UTF-8 text file")
+
+
+def read_text(source: str | os.PathLike[str], *, what: str) -> tuple[str, int]:
+    """A prompt from a file or stdin (``-``), within the prompt limit: (text, bytes replaced by the text policy).
+
+    Binary data (a NUL byte) is refused rather than fed to the model as a prompt."""
+    data = read_file(source, TEXT, what=what, error=UsageError, missing=f"{what} not found: {display_name(source)}")
+    name = "stdin" if os.fspath(source) == STDIN else display_name(source)
+    _refuse_nul(name, data)
+    return decode_text(data)
+
+
+def text_lines(stream: TextIO) -> Iterator[str]:
+    """Lines of a stream (chat messages from a pipe), each within the prompt limit, without their line end.
+
+    Undecodable bytes come back as surrogate escapes (a ``/image`` name keeps its bytes); messages go through
+    `repair_text`. A line longer than the limit, or holding a NUL (binary data such as ``/dev/urandom``), ends the
+    stream with a one-line error: memory stays within the limit whatever the stream is."""
+    limit = TEXT.bytes()
+    binary: BinaryIO | None = getattr(stream, "buffer", None)
+    number = 0
+    while True:
+        raw: bytes | str = binary.readline(limit + 1) if binary is not None else stream.readline(limit + 1)
+        if not raw:
+            return
+        number += 1
+        name = f"stdin line {number}"
+        ends = raw.endswith(b"\n") if isinstance(raw, bytes) else raw.endswith("\n")
+        if len(raw) > limit and not ends:
+            raise too_large(name, None, limit, TEXT, UsageError)
+        _refuse_nul(name, raw)
+        text = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+        yield text.rstrip("\r\n")
+
+
+def repair_with_note(text: str, what: str, note: Callable[[str], None]) -> str:
+    """`repair_text`, saying so in a note when a byte was replaced."""
+    fixed, replaced = repair_text(text)
+    if replaced:
+        note(f"{what} is not valid UTF-8: {replaced} byte{'s' if replaced > 1 else ''} replaced by U+FFFD")
+    return fixed
+
+
 __all__ = [
     "HEADER",
     "IMAGE",
@@ -273,6 +319,9 @@ __all__ = [
     "open_regular",
     "read_file",
     "read_stream",
+    "read_text",
     "repair_text",
+    "repair_with_note",
+    "text_lines",
     "require_regular",
 ]

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llava_cli import hub, paths
+from llava_cli import hub, paths, reading
 from llava_cli.atomic import atomic_path
 from llava_cli.catalog import UNQUANTIZED_BITS, Catalog, ModelEntry, load_catalog, normalize_bits
-from llava_cli.errors import CheckpointError, InputNotFoundError, LlavaError, UsageError
+from llava_cli.errors import CheckpointError, InputNotFoundError, LlavaError, ModelFileError, UsageError
 
 ProgressFn = Callable[[int, int], None]
 
@@ -76,7 +76,7 @@ def resolve_model(
         if mmproj is not None:
             raise UsageError("--mmproj goes with a --model .gguf file; a checkpoint directory holds its own projector")
         return _resolve_checkpoint(path, norm_bits or "q4_k_m", on_progress)
-    if model.lower().endswith(".gguf") or path.is_file():
+    if model.lower().endswith(".gguf") or path.exists():  # a FIFO or device too: _resolve_gguf says what it is
         return _resolve_gguf(path, mmproj, norm_bits)
     cat = catalog or load_catalog()
     if model not in cat and (os.sep in model or model.startswith((".", "~")) or (os.altsep and os.altsep in model)):
@@ -92,13 +92,11 @@ def resolve_model(
 def _resolve_gguf(path: Path, mmproj: Path | None, bits: str | None) -> ResolvedModel:
     from llava_cli.gguf_info import read_gguf
 
-    if not path.is_file():
-        raise InputNotFoundError(f"{path}: no such file", hint="check the --model path")
+    reading.require_regular(path, what="a model file", error=ModelFileError, hint="give --model a .gguf file")
     if mmproj is None:
         mmproj = _mmproj_beside(path)
-    elif not mmproj.expanduser().is_file():
-        raise InputNotFoundError(f"{mmproj}: no such file", hint="check the --mmproj path")
     mmproj = mmproj.expanduser()
+    reading.require_regular(mmproj, what="a .gguf file", error=ModelFileError, hint="give --mmproj a .gguf file")
     info = read_gguf(path)
     quant = (info.file_type or "unknown").lower()
     if bits is not None and quant != bits:

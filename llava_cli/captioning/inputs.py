@@ -153,25 +153,38 @@ def resume_key(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+MAX_ENTRY = 65536  # bytes: 16 times Linux's PATH_MAX; a longer "entry" means the input is not a list
+# 1 for the bytes `_NOT_LIST_BYTES` matches: bytes.translate + find scans a MiB in ~3 ms (the regex takes ~17 ms).
+_NOT_LIST_TABLE = bytes(1 if _NOT_LIST_BYTES.match(bytes([i])) else 0 for i in range(256))
+
+
 def _split_entries(stream: Iterator[bytes], name: str) -> Iterator[bytes]:
-    """Entries of a list, one per line, or NUL-separated when it holds a NUL (``find -print0``), chunk by chunk."""
+    """Entries of a list, one per line, or NUL-separated when it holds a NUL (``find -print0``), chunk by chunk.
+
+    A run of nothing but separators (``/dev/zero`` on stdin) is skipped in C, without a Python loop per entry."""
     sep: bytes | None = None
     rest = b""
     offset = 0
     for chunk in stream:
-        bad = _NOT_LIST_BYTES.search(chunk)
-        if bad:
-            at = offset + bad.start()
+        bad = chunk.translate(_NOT_LIST_TABLE).find(1)
+        if bad >= 0:
             raise UsageError(
-                f"{name} is not a list of paths (byte 0x{chunk[bad.start()]:02x} at offset {at:,})",
-                hint="give a text file with one image path per line",
+                f"{name} is not a list of paths (byte 0x{chunk[bad]:02x} at offset {offset + bad:,})",
+                hint="give one image path per line",
             )
         offset += len(chunk)
         if sep is None:
             sep = b"\0" if b"\0" in chunk else b"\n"
-        parts = (rest + chunk).split(sep)
-        rest = parts.pop()
-        yield from _entries(parts, sep)
+        data = rest + chunk
+        last = data.rfind(sep)
+        body, rest = (data[:last], data[last + 1 :]) if last >= 0 else (b"", data)
+        if len(rest) > MAX_ENTRY:
+            raise UsageError(
+                f"{name} is not a list of paths (an entry longer than {MAX_ENTRY:,} bytes)",
+                hint="give one image path per line",
+            )
+        if body.translate(None, sep + b" \t\r\n"):
+            yield from _entries(body.split(sep), sep)
     yield from _entries([rest], sep or b"\n")
 
 
@@ -222,7 +235,11 @@ def read_path_list(list_file: Path | str) -> list[str]:
 
 def _list_paths(entries: Iterator[bytes], base: Path) -> list[str]:
     found: dict[str, None] = {}  # insertion-ordered set: a list repeating one path costs nothing
+    seen: set[bytes] = set()
     for entry in entries:
+        if entry in seen:
+            continue
+        seen.add(entry)
         p = Path(os.fsdecode(entry)).expanduser()
         found[_norm(p if p.is_absolute() else base / p)] = None
     return list(found)

@@ -178,7 +178,7 @@ def _read_csv(path: Path, data: bytes) -> tuple[list[CaptionRecord], int]:
             yield line.decode("utf-8", errors="replace")
 
     reader = csv.reader(feed(), strict=True)
-    header = COLUMNS
+    header: tuple[str, ...] = COLUMNS
     records: list[CaptionRecord] = []
     good_end = 0
     while True:
