@@ -258,18 +258,25 @@ def read_file(
     return data
 
 
-def _refuse_nul(name: str, data: bytes | str) -> None:
-    if (b"\0" in data) if isinstance(data, bytes) else ("\0" in data):
-        raise UsageError(f"{name} is not text (it holds a NUL byte)", hint="give a UTF-8 text file")
+# Bytes text never holds: C0 controls other than tab, LF, VT, FF, CR (NUL first of all), and DEL. Their presence
+# means binary data (an image piped by mistake, /dev/urandom), which is refused rather than fed to the model.
+_NOT_TEXT = bytes(1 if (i < 0x20 and i not in (9, 10, 11, 12, 13)) or i == 0x7F else 0 for i in range(256))
+
+
+def _refuse_binary(name: str, data: bytes | str) -> None:
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogateescape")
+    at = raw.translate(_NOT_TEXT).find(1)
+    if at >= 0:
+        raise UsageError(f"{name} is not text (byte 0x{raw[at]:02x} at offset {at:,})", hint="give UTF-8 text")
 
 
 def read_text(source: str | os.PathLike[str], *, what: str) -> tuple[str, int]:
     """A prompt from a file or stdin (``-``), within the prompt limit: (text, bytes replaced by the text policy).
 
-    Binary data (a NUL byte) is refused rather than fed to the model as a prompt."""
+    Binary data (a NUL or another control byte) is refused rather than fed to the model as a prompt."""
     data = read_file(source, TEXT, what=what, error=UsageError, missing=f"{what} not found: {display_name(source)}")
     name = "stdin" if os.fspath(source) == STDIN else display_name(source)
-    _refuse_nul(name, data)
+    _refuse_binary(name, data)
     return decode_text(data)
 
 
@@ -277,8 +284,8 @@ def text_lines(stream: TextIO) -> Iterator[str]:
     """Lines of a stream (chat messages from a pipe), each within the prompt limit, without their line end.
 
     Undecodable bytes come back as surrogate escapes (a ``/image`` name keeps its bytes); messages go through
-    `repair_text`. A line longer than the limit, or holding a NUL (binary data such as ``/dev/urandom``), ends the
-    stream with a one-line error: memory stays within the limit whatever the stream is."""
+    `repair_text`. A line longer than the limit, or holding a control byte (binary data such as
+    ``/dev/urandom``), ends the stream with a one-line error: memory stays within the limit whatever the stream is."""
     limit = TEXT.bytes()
     binary: BinaryIO | None = getattr(stream, "buffer", None)
     number = 0
@@ -291,7 +298,7 @@ def text_lines(stream: TextIO) -> Iterator[str]:
         ends = raw.endswith(b"\n") if isinstance(raw, bytes) else raw.endswith("\n")
         if len(raw) > limit and not ends:
             raise too_large(name, None, limit, TEXT, UsageError)
-        _refuse_nul(name, raw)
+        _refuse_binary(name, raw)
         text = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
         yield text.rstrip("\r\n")
 

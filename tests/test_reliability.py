@@ -35,8 +35,16 @@ COMMANDS = {
 # tokenizer are not its business, so only the config cases apply to it.
 VRAM_CHECKPOINT_CASES = ("ckpt-config-not-json", "ckpt-config-missing")
 
+# Found by the #15 sweep in a file this suite does not own: quantize looks for its mmproj among the *regular* files
+# beside the model, so a device, FIFO or directory named mmproj-*.gguf there gets "no mmproj-*.gguf beside" instead
+# of what it is (quantize/quantizer.py; reading.require_regular says it in one call).
+_QUANTIZE_MMPROJ_BESIDE = pytest.mark.xfail(
+    strict=True, reason="quantize/quantizer.py skips a non-regular mmproj beside the model without saying what it is"
+)
+KNOWN = {(c, "quantize"): _QUANTIZE_MMPROJ_BESIDE for c in ("mmproj-dev-zero", "mmproj-fifo", "mmproj-directory")}
+
 TABLE = [
-    pytest.param(case.id, command, id=f"{case.id}-{command}")
+    pytest.param(case.id, command, id=f"{case.id}-{command}", marks=KNOWN.get((case.id, command), ()))
     for case in CASES.values()
     for command in COMMANDS[case.family]
     if not (command == "vram-check" and case.family == "checkpoint" and case.id not in VRAM_CHECKPOINT_CASES)
