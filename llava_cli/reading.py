@@ -160,13 +160,16 @@ def require_regular(
 
 def too_large(name: str, size: int | None, limit: int, lim: Limit, error: Callable[..., LlavaError]) -> LlavaError:
     amount = f"is {size / MiB:,.1f} MiB," if size is not None else "holds"
-    return error(f"{name} {amount} more than the {limit / MiB:g} MiB {lim.what} limit", hint=lim.how_to_raise(size))
+    return error(
+        f"{name} {amount} more than the {round(limit / MiB, 3):g} MiB {lim.what} limit", hint=lim.how_to_raise(size)
+    )
 
 
-def read_stream(stream: BinaryIO, limit: int) -> bytes | None:
+def read_stream(stream: BinaryIO, limit: int, inspect: Callable[[bytes, int], None] | None = None) -> bytes | None:
     """Up to `limit` bytes of `stream` (to its end); None if it holds more. Memory stays within `limit` + 1 MiB.
 
-    The server reads request bodies through this too.
+    ``inspect(chunk, offset)`` sees each chunk as it arrives and may raise (binary data where text is expected is
+    refused at its first chunk, not after the whole limit). The server reads request bodies through this too.
     """
     chunks: list[bytes] = []
     total = 0
@@ -174,6 +177,8 @@ def read_stream(stream: BinaryIO, limit: int) -> bytes | None:
         chunk = stream.read(min(_CHUNK, limit + 1 - total))
         if not chunk:
             break
+        if inspect is not None:
+            inspect(chunk, total)
         chunks.append(chunk)
         total += len(chunk)
     if total > limit:
@@ -230,6 +235,7 @@ def read_file(
     limit: int | None = None,
     missing: str | None = None,
     hint: str | None = None,
+    inspect: Callable[[bytes, int], None] | None = None,
 ) -> bytes:
     """All bytes of a regular file, or of stdin for ``-``, within `lim` (or `limit` bytes when given).
 
@@ -237,7 +243,7 @@ def read_file(
     """
     cap = limit if limit is not None else lim.bytes()
     if os.fspath(source) == STDIN:
-        data = read_stream(sys.stdin.buffer, cap)
+        data = read_stream(sys.stdin.buffer, cap, inspect)
         if data is None:
             raise too_large("stdin", None, cap, lim, error)
         return data
@@ -263,21 +269,29 @@ def read_file(
 _NOT_TEXT = bytes(1 if (i < 0x20 and i not in (9, 10, 11, 12, 13)) or i == 0x7F else 0 for i in range(256))
 
 
-def _refuse_binary(name: str, data: bytes | str) -> None:
+def _refuse_binary(name: str, data: bytes | str, offset: int = 0) -> None:
     raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogateescape")
     at = raw.translate(_NOT_TEXT).find(1)
     if at >= 0:
-        raise UsageError(f"{name} is not text (byte 0x{raw[at]:02x} at offset {at:,})", hint="give UTF-8 text")
+        raise UsageError(f"{name} is not text (byte 0x{raw[at]:02x} at offset {offset + at:,})", hint="give UTF-8 text")
 
 
-def read_text(source: str | os.PathLike[str], *, what: str) -> tuple[str, int]:
-    """A prompt from a file or stdin (``-``), within the prompt limit: (text, bytes replaced by the text policy).
+def read_text(source: str | os.PathLike[str], *, what: str) -> str:
+    """A prompt from a file or stdin (``-``), within the prompt limit. Undecodable bytes come back as surrogate
+    escapes: the caller applies the text policy with `repair_with_note`, which says so.
 
     Binary data (a NUL or another control byte) is refused rather than fed to the model as a prompt."""
-    data = read_file(source, TEXT, what=what, error=UsageError, missing=f"{what} not found: {display_name(source)}")
     name = "stdin" if os.fspath(source) == STDIN else display_name(source)
+    data = read_file(
+        source,
+        TEXT,
+        what=f"a {what}",
+        error=UsageError,
+        missing=f"{what} not found: {display_name(source)}",
+        inspect=lambda chunk, offset: _refuse_binary(name, chunk, offset),
+    )
     _refuse_binary(name, data)
-    return decode_text(data)
+    return data.decode("utf-8", "surrogateescape")
 
 
 def text_lines(stream: TextIO) -> Iterator[str]:
@@ -290,6 +304,10 @@ def text_lines(stream: TextIO) -> Iterator[str]:
     binary: BinaryIO | None = getattr(stream, "buffer", None)
     number = 0
     while True:
+        if binary is not None and hasattr(binary, "peek"):
+            # Binary data is refused from what is already buffered, before a whole limit's worth is read.
+            ahead = binary.peek(1)[:65536]
+            _refuse_binary(f"stdin line {number + 1}", ahead.split(b"\n", 1)[0])
         raw: bytes | str = binary.readline(limit + 1) if binary is not None else stream.readline(limit + 1)
         if not raw:
             return

@@ -216,7 +216,7 @@ def caption_command(
         source = reading.STDIN if str(prompt_file) == reading.STDIN else prompt_file.expanduser()
         if source == reading.STDIN and reading.STDIN in inputs:
             raise UsageError("the prompt and the list of images cannot both come from stdin (-)")
-        prompt = reading.read_text(source, what="prompt file")[0].strip()
+        prompt = reading.read_text(source, what="prompt file").strip()
         if not prompt:
             raise UsageError(f"prompt file {reading.display_name(prompt_file)} is empty")
 

@@ -214,7 +214,7 @@ def register(app: typer.Typer) -> None:
         if prompt == reading.STDIN:
             if "-" in (image or []):
                 raise UsageError("the prompt and an --image cannot both come from stdin (-)")
-            prompt = reading.repair_with_note(reading.read_text(reading.STDIN, what="prompt")[0], "the prompt", _note)
+            prompt = reading.read_text(reading.STDIN, what="prompt")
         prompt = reading.repair_with_note(prompt, "the prompt", _note)
         system = reading.repair_with_note(system, "--system", _note) if system is not None else None
         images = _load_images(image, max_image_mb)
