@@ -197,7 +197,7 @@ def spawn_cli(
     work.mkdir(parents=True, exist_ok=True)
     names = (work / f".stdin{tag}", work / f".stdout{tag}", work / f".stderr{tag}")
     if stdin_path is not None:
-        names = (stdin_path, *names[1:])  # type: ignore[assignment]
+        names = (stdin_path, *names[1:])
     else:
         names[0].write_bytes(stdin.encode() if isinstance(stdin, str) else stdin)
     names[1].write_bytes(b"")
