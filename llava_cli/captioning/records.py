@@ -254,7 +254,10 @@ def read_log(path: Path, fmt: Format) -> LogState:
 
 def _encode_csv_row(values: Sequence[Any]) -> bytes:
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(values)
+    # QUOTE_MINIMAL quotes a field holding the line terminator ("\n") but not a lone "\r", which the reader takes as
+    # a line end: such a row (a file name with a CR, found by tests/test_fuzz.py) is written fully quoted.
+    cr = any(isinstance(v, str) and "\r" in v for v in values)
+    csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL if cr else csv.QUOTE_MINIMAL).writerow(values)
     return buf.getvalue().encode("utf-8")
 
 
