@@ -492,11 +492,11 @@ def test_non_utf8_names_are_discovered_captioned_and_resumed(tmp_path: Path) -> 
             out=out,
             sidecar=True,
             prompt="About {filename}",
-            on_record=lambda r, seen=seen: seen.append(r.prompt),
+            on_record=lambda r: seen.append(r.prompt),  # noqa: B023  # called before the loop moves on
         )
         assert (s1.done, s1.failed) == (3, 0)
         assert seen == ["About a-caf\\xe9.png", "About b-\\xff\\xfe.png", "About c-plain.png"]
-        state = cap.read_log(out, fmt)  # type: ignore[arg-type]
+        state = cap.read_log(out, fmt)
         assert sorted(r.fs_path for r in state.records) == sorted(paths)
         s2 = cap.caption_batch([tmp_path / "pics"], captioner=ColourCaptioner(), out=out)
         assert (s2.skipped, s2.done) == (3, 0)

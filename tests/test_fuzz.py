@@ -17,6 +17,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -183,7 +184,7 @@ class _NameCaptioner:
         self.calls = 0
         self.stop_after = stop_after
 
-    def caption(self, image, prompt: str) -> tuple[str, int]:  # type: ignore[no-untyped-def]
+    def caption(self, image: Any, prompt: str) -> tuple[str, int]:
         self.calls += 1
         if self.stop_after is not None and self.calls > self.stop_after:
             raise KeyboardInterrupt  # a second Ctrl-C: the current image is dropped, not recorded
@@ -222,12 +223,12 @@ def test_any_file_name_is_captioned_once_and_resumed() -> None:
             assert sorted(found) == sorted(files)
             assert sorted(p for k in range(1, 4) for p in select_shard(found, (k, 3))) == sorted(found)
             out = Path(tmp) / f"log.{fmt}"
-            kw = {"out": out, "sidecar": True, "prompt": "{filename}"}
+            kw: dict[str, Any] = {"out": out, "sidecar": True, "prompt": "{filename}"}
             first = caption_batch([os.fsdecode(folder)], captioner=_NameCaptioner(stop_after), **kw)
             assert first.interrupted == (stop_after < len(files))
             second = caption_batch([os.fsdecode(folder)], captioner=_NameCaptioner(), **kw)
             assert second.skipped == first.done and second.done == len(files) - first.done
-            records = read_log(out, fmt).records  # type: ignore[arg-type]
+            records = read_log(out, fmt).records  # type: ignore[arg-type]  # fmt is "jsonl" or "csv"
             assert sorted(r.fs_path for r in records) == sorted(files)  # nothing lost, nothing twice
             for r in records:
                 raw = os.fsencode(r.fs_path)
