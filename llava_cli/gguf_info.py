@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 import gguf
 
-from llava_cli.errors import InputNotFoundError, ModelFileError
+from llava_cli import reading
+from llava_cli.errors import ModelFileError
 
 GGUF_MAGIC = b"GGUF"
 TEXT_ARCHITECTURES = ("llama",)  # LLaVA-1.5 (Vicuna) and BakLLaVA (Mistral) both run as llama.cpp's `llama`
@@ -124,13 +125,15 @@ class GGUFInfo:
 def read_gguf(path: str | os.PathLike[str], expect: Kind | None = None) -> GGUFInfo:
     """Parse and validate a GGUF header. ``expect`` names the role the caller wants the file for."""
     path = Path(path)
-    if not path.exists():
-        raise InputNotFoundError(f"model file not found: {path}")
-    if path.is_dir():
-        raise ModelFileError(f"{path} is a directory, not a .gguf file")
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
+    # A device or FIFO is refused by its type before it is opened (a FIFO without a writer blocks any open).
+    fd = reading.open_regular(
+        path, what="a .gguf file", error=ModelFileError, missing=f"model file not found: {reading.display_name(path)}"
+    )
+    try:
+        size = os.fstat(fd).st_size
+        magic = os.read(fd, 4)
+    finally:
+        os.close(fd)
     if size == 0:
         raise ModelFileError(f"{path} is empty (0 bytes)", hint="download or convert it again")
     if magic != GGUF_MAGIC:
@@ -186,8 +189,15 @@ def _prescan(path: Path, size: int) -> None:
     makes it build billions of empty views: gigabytes of memory and minutes before it fails. This walk does no
     allocation per element and refuses such a length at once.
     """
+    # The header (keys + tensor table) is also capped, because the reader builds Python objects per array item: a
+    # well-formed file with a 100-million-string array would take gigabytes before any check of ours runs.
+    cap = reading.HEADER.bytes()
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         pos = 0
+
+        def over_cap(n: int) -> None:
+            if pos + n > cap:
+                raise reading.too_large(f"{path}: its header", None, cap, reading.HEADER, ModelFileError)
 
         def fail(what: str) -> ModelFileError:
             return ModelFileError(
@@ -199,6 +209,7 @@ def _prescan(path: Path, size: int) -> None:
             nonlocal pos
             if n < 0 or pos + n > size:
                 raise fail(what)
+            over_cap(n)
             start, pos = pos, pos + n
             return start
 
@@ -220,6 +231,7 @@ def _prescan(path: Path, size: int) -> None:
                 elif itype in (_STRING, _ARRAY):
                     if count > (size - pos) // 8:
                         raise fail(f"array of {count:,} items longer than the file")
+                    over_cap(8 * count)  # each item takes at least 8 bytes
                     for _ in range(count):
                         value(itype, depth + 1)
                 else:

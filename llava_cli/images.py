@@ -12,15 +12,15 @@ import io
 import logging
 import os
 import re
-import sys
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from llava_cli.errors import ImageError, InputNotFoundError
+from llava_cli import reading
+from llava_cli.errors import ImageError
+from llava_cli.reading import display_name
 
 # Pillow logs decoder complaints ("More samples per pixel than can be decoded") through `logging`; with no handler
 # configured, Python prints them to stderr as extra lines. A corrupt image is reported once, as an ImageError.
@@ -33,7 +33,7 @@ DEFAULT_MAX_PIXELS = 100_000_000
 # A truncated file must be an error, not a silently grey-padded picture.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-STDIN = "-"
+STDIN = reading.STDIN
 
 
 @dataclass(frozen=True)
@@ -58,21 +58,25 @@ class LoadedImage:
         return self.image.tobytes()
 
 
-def _read_source(source: str | os.PathLike[str] | bytes) -> tuple[bytes, str]:
+def _read_source(source: str | os.PathLike[str] | bytes, max_bytes: int | None) -> tuple[bytes, str]:
+    """The image's bytes, bounded by the image limit (`reading.IMAGE`), and the name messages use for it."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source), "<bytes>"
-    if str(source) == STDIN:
-        return sys.stdin.buffer.read(), "<stdin>"
-    path = Path(source).expanduser()
-    name = str(source)
-    if not path.exists():
-        raise InputNotFoundError(f"image not found: {name}", hint="check the path")
-    if path.is_dir():
-        raise ImageError(f"{name} is a directory, not an image", hint="give the path of one image file")
-    try:
-        return path.read_bytes(), name
-    except OSError as exc:
-        raise ImageError(f"cannot read image {name}: {exc.strerror or exc}") from exc
+    if os.fspath(source) == STDIN:
+        name, path = "<stdin>", STDIN
+    else:
+        path = os.path.expanduser(os.fspath(source))
+        name = display_name(source)
+    data = reading.read_file(
+        path,
+        reading.IMAGE,
+        limit=max_bytes,
+        what="an image file",
+        error=ImageError,
+        missing=f"image not found: {name}",
+        hint="give the path of one image file",
+    )
+    return data, name
 
 
 def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
@@ -155,11 +159,15 @@ def decode_image(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
     return rgb, notes
 
 
-def load_image(source: str | os.PathLike[str] | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+def load_image(
+    source: str | os.PathLike[str] | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int | None = None
+) -> LoadedImage:
     """Read an image from a path, ``"-"`` (stdin) or bytes; return it upright, RGB, validated, with its SHA-256.
 
-    The hash is of the source bytes, so the same file always maps to the same cached encoding.
+    A path must be a regular file and, like stdin, hold at most `max_bytes` (default: `reading.IMAGE`, i.e.
+    ``--max-image-mb`` / ``LLAVA_MAX_IMAGE_MB``). `LoadedImage.name` is the path as people read it (undecodable
+    bytes as ``\\xNN``). The hash is of the source bytes, so the same file always maps to the same cached encoding.
     """
-    data, name = _read_source(source)
+    data, name = _read_source(source, max_bytes)
     image, notes = decode_image(data, name, max_pixels=max_pixels)
     return LoadedImage(image=image, sha256=hashlib.sha256(data).hexdigest(), name=name, notes=tuple(notes))

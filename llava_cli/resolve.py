@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from llava_cli import hub, paths
+from llava_cli import hub, paths, reading
 from llava_cli.atomic import atomic_path
 from llava_cli.catalog import UNQUANTIZED_BITS, Catalog, ModelEntry, load_catalog, normalize_bits
-from llava_cli.errors import CheckpointError, InputNotFoundError, UsageError
+from llava_cli.errors import CheckpointError, InputNotFoundError, ModelFileError, UsageError
 
 # The one edge from llava_cli into quantize/: building a model locally. quantize/ imports only llava_cli's
 # foundation modules (errors, atomic, gguf_info, quants), never this one (tests/test_architecture.py checks).
@@ -98,13 +98,23 @@ def identify(
                 hint="give a llava-hf checkpoint directory, a catalog id, or a .gguf file",
             )
         return ModelRef("checkpoint", path=path)
-    if model.lower().endswith(".gguf") or path.is_file():
-        if not path.is_file():
-            raise InputNotFoundError(f"{path}: no such file", hint="check the --model path")
+    if model.lower().endswith(".gguf") or path.exists():  # a FIFO or a device too: refused as what it is
+        reading.require_regular(
+            path,
+            what="a model file",
+            error=ModelFileError,
+            missing=f"{path}: no such file",
+            hint="give --model a .gguf file",
+        )
         if mmproj is not None:
             mmproj = mmproj.expanduser()
-            if not mmproj.is_file():
-                raise InputNotFoundError(f"{mmproj}: no such file", hint="check the --mmproj path")
+            reading.require_regular(
+                mmproj,
+                what="a .gguf file",
+                error=ModelFileError,
+                missing=f"{mmproj}: no such file",
+                hint="give --mmproj a .gguf file",
+            )
         elif find_mmproj:
             mmproj = _mmproj_beside(path)
         return ModelRef("gguf", path=path, mmproj=mmproj)

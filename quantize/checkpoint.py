@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from llava_cli import reading
 from llava_cli.errors import CheckpointError, InputNotFoundError
 
 SUPPORTED_ARCHITECTURES = ("LlavaForConditionalGeneration",)
@@ -398,15 +399,21 @@ def expected_tensors(cfg: LlavaConfig, *, has_lm_head: bool = True) -> dict[str,
 
 def _read_header(file: Path) -> tuple[dict[str, Any], int]:
     """Parse a safetensors header; returns (header dict, offset where tensor data begins)."""
+    # Bounded like every input (llava_cli/reading.py): a regular file only (a FIFO named *.safetensors would block
+    # the open), and a header length within the header limit.
+    cap = reading.HEADER.bytes()
+    fd = reading.open_regular(file, what="a safetensors file", error=CheckpointError)
     try:
-        size = file.stat().st_size
-        with open(file, "rb") as fh:
+        with open(fd, "rb") as fh:
+            size = os.fstat(fd).st_size
             raw_len = fh.read(8)
             if len(raw_len) < 8:
                 raise CheckpointError(f"{file}: truncated (no safetensors header)", hint="fetch the file again")
             (n,) = struct.unpack("<Q", raw_len)
-            if n > min(size - 8, 100 * 2**20):
+            if n > size - 8:
                 raise CheckpointError(f"{file}: corrupt or truncated safetensors header", hint="fetch the file again")
+            if n > cap:
+                raise reading.too_large(f"{file}: its header", n, cap, reading.HEADER, CheckpointError)
             blob = fh.read(n)
     except OSError as exc:
         raise CheckpointError(f"{file}: cannot read ({exc.strerror})") from exc

@@ -10,6 +10,8 @@ Pillow/numpy, so nothing is downloaded and nothing is checked in. Three families
   odd but valid ones (1×1, 16-bit PNG, multi-frame TIFF) that must simply work.
 * Hugging Face checkpoints: a missing shard, corrupt/truncated safetensors, config.json that is not JSON or is
   missing, a wrong tensor dtype, no tokenizer.
+* Special files and sizes (issue #15): devices and FIFOs under an image's, a model's or a weight file's name, a
+  directory where a file goes, files over their limit (sparse: no disk used), a name that is not UTF-8.
 
 `run_cli` runs ``llava_cli.cli.app.main(argv)`` in a child forked from a clean fork server (the imports are done
 once, so a case costs milliseconds instead of a 1.5 s interpreter start), with the child's own fds 0/1/2 on
@@ -43,6 +45,7 @@ class CliResult:
     code: int  # the exit code; negative = killed by that signal (a crash)
     stdout: str
     stderr: str
+    peak_rss_mb: float | None = None  # the child's peak resident memory (ru_maxrss), None if it did not say
 
     @property
     def crashed(self) -> bool:
@@ -76,7 +79,7 @@ def _child(
     os.environ.update(env)
     os.chdir(cwd)
     for fd, (name, mode) in enumerate(zip(files, (os.O_RDONLY, os.O_WRONLY, os.O_WRONLY), strict=True)):
-        new = os.open(name, mode)
+        new = os.open(name, mode)  # stdin may be /dev/zero or a FIFO: an endless stream
         os.dup2(new, fd)
         os.close(new)
     # Python's std streams sit on fds 0/1/2: re-create them so buffered text goes to the new files.
@@ -88,6 +91,10 @@ def _child(
     code = main(argv)
     sys.stdout.flush()
     sys.stderr.flush()
+    import resource
+
+    # Peak RSS of this process (KiB on Linux), for the memory bound of the endless-stream cases.
+    Path(files[2] + ".rss").write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
     os._exit(code)  # skip atexit/finalizers: what the user sees is what main printed
 
 
@@ -116,6 +123,21 @@ def _context() -> multiprocessing.context.ForkServerContext:
     return _CONTEXT
 
 
+# A child past this much RAM is killed by `Spawned.wait`: far above any case's need (~200 MB), far below the machine.
+RSS_GUARD_MB = 2048.0
+
+
+def _rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 class Spawned:
     """A CLI process started by `spawn_cli`, still running."""
 
@@ -133,17 +155,30 @@ class Spawned:
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
 
-    def wait(self, timeout: float = 120) -> CliResult:
-        self.proc.join(timeout)
+    def wait(self, timeout: float = 120, rss_guard_mb: float = RSS_GUARD_MB) -> CliResult:
+        """Wait for the child; kill it (and fail) past `timeout` or when it holds more than `rss_guard_mb` of RAM,
+        so that a regression to an unbounded read fails the test instead of taking the machine down."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.proc.is_alive() and time.monotonic() < deadline:
+            rss = _rss_mb(self.pid)
+            if rss is not None and rss > rss_guard_mb:
+                self.proc.kill()
+                self.proc.join()
+                raise AssertionError(f"llava {' '.join(self.argv)} grew past {rss_guard_mb:.0f} MB of RAM: killed")
+            self.proc.join(0.05)
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join()
             raise AssertionError(f"llava {' '.join(self.argv)} did not finish in {timeout}s")
         assert self.proc.exitcode is not None
+        rss_file = Path(str(self.names[2]) + ".rss")
         return CliResult(
             self.proc.exitcode,
             self.names[1].read_text(errors="replace"),
             self.names[2].read_text(errors="replace"),
+            int(rss_file.read_text()) / 1024 if rss_file.exists() else None,
         )
 
 
@@ -151,17 +186,23 @@ def spawn_cli(
     argv: list[str],
     work: Path,
     *,
-    stdin: str = "",
+    stdin: str | bytes = "",
+    stdin_path: Path | None = None,
     env: dict[str, str] | None = None,
     tensor_delay: float = 0.0,
     tag: str = "",
 ) -> Spawned:
-    """Start ``llava <argv>`` in a fresh forked process and return at once."""
+    """Start ``llava <argv>`` in a fresh forked process and return at once. Its stdin is `stdin` (text or bytes),
+    or the file at `stdin_path` (``/dev/zero``, a FIFO: an endless stream)."""
     work.mkdir(parents=True, exist_ok=True)
     names = (work / f".stdin{tag}", work / f".stdout{tag}", work / f".stderr{tag}")
-    names[0].write_text(stdin)
+    if stdin_path is not None:
+        names = (stdin_path, *names[1:])
+    else:
+        names[0].write_bytes(stdin.encode() if isinstance(stdin, str) else stdin)
     names[1].write_bytes(b"")
     names[2].write_bytes(b"")
+    Path(str(names[2]) + ".rss").unlink(missing_ok=True)
     child_env = {**os.environ, **(env or {}), "COLUMNS": "200", "NO_COLOR": "1"}
     args = (argv, child_env, str(work), tuple(str(n) for n in names), tensor_delay)
     proc = _context().Process(target=_child, args=args, daemon=False)
@@ -170,10 +211,16 @@ def spawn_cli(
 
 
 def run_cli(
-    argv: list[str], work: Path, *, stdin: str = "", timeout: float = 120, env: dict[str, str] | None = None
+    argv: list[str],
+    work: Path,
+    *,
+    stdin: str | bytes = "",
+    stdin_path: Path | None = None,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
 ) -> CliResult:
-    """Run ``llava <argv>`` in a fresh forked process; return its exit code and output."""
-    return spawn_cli(argv, work, stdin=stdin, env=env).wait(timeout)
+    """Run ``llava <argv>`` in a fresh forked process; return its exit code, output and peak memory."""
+    return spawn_cli(argv, work, stdin=stdin, stdin_path=stdin_path, env=env).wait(timeout)
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -567,8 +614,98 @@ def _checkpoint_cases() -> list[Case]:
     ]
 
 
+# ------------------------------------------------------------------ special files, oversize files, odd names
+# (issue #15) Every command that reads an input refuses a device, a FIFO or a directory by its type, before opening
+# it, and a file over its limit by its size, before reading it. Devices are symlinks under an image's or a model's
+# name (what a glob or a typo produces); FIFOs have no writer, so a plain open() would block forever.
+
+
+def _symlink_to(target: str, name: str) -> Callable[[Sources, Path], Path]:
+    def build(src: Sources, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        link = folder / name
+        link.unlink(missing_ok=True)
+        os.symlink(target, link)
+        return link
+
+    return build
+
+
+def _fifo(name: str) -> Callable[[Sources, Path], Path]:
+    def build(src: Sources, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / name
+        path.unlink(missing_ok=True)
+        os.mkfifo(path)
+        return path
+
+    return build
+
+
+def _directory(name: str) -> Callable[[Sources, Path], Path]:
+    def build(src: Sources, folder: Path) -> Path:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        return folder / name
+
+    return build
+
+
+def sparse(path: Path, size: int, head: bytes = b"") -> Path:
+    """A file of `size` bytes that takes no disk space beyond `head` (the rest is a hole of zeros)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(head)
+    os.truncate(path, size)
+    return path
+
+
+def _oversize_image(src: Sources, folder: Path) -> Path:
+    """A real PNG header followed by a 150 MiB hole: over the 100 MiB image limit, refused from its size."""
+    return sparse(folder / "huge.png", 150 << 20, _encoded("PNG"))
+
+
+def _non_utf8_name(src: Sources, folder: Path) -> Path:
+    """A valid PNG whose name is Latin-1 bytes ("café.png" from an old archive): not UTF-8, must simply work."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return _write(folder / os.fsdecode(b"caf\xe9.png"), _encoded("PNG"))
+
+
+def _safetensors_fifo(ckpt: Path) -> None:
+    f = ckpt / "model.safetensors"
+    f.unlink()
+    os.mkfifo(f)
+
+
+def _header_over_limit(ckpt: Path) -> None:
+    """A safetensors header length of 120 MiB in a (sparse) 130 MiB file: inside the file, over the 100 MiB limit."""
+    f = ckpt / "model.safetensors"
+    with open(f, "r+b") as fh:
+        fh.write(struct.pack("<Q", 120 << 20))
+    os.truncate(f, 130 << 20)
+
+
+NOT_REGULAR = {"device": r"is a character device, not ", "fifo": r"is a FIFO \(named pipe\), not "}
+
+
+def _special_cases() -> list[Case]:
+    image_limit = r"150\.0 MiB, more than the 100 MiB image limit"
+    return [
+        Case("image-dev-zero", "image", _symlink_to("/dev/zero", "zero.jpg"), NOT_REGULAR["device"] + "an image"),
+        Case("image-dev-urandom", "image", _symlink_to("/dev/urandom", "noise.png"), NOT_REGULAR["device"]),
+        Case("image-fifo", "image", _fifo("pipe.jpg"), NOT_REGULAR["fifo"] + "an image"),
+        Case("image-oversize", "image", _oversize_image, image_limit),
+        Case("image-non-utf8-name", "image", _non_utf8_name, "", valid=True),
+        Case("text-dev-zero", "text", _symlink_to("/dev/zero", "zero.gguf"), NOT_REGULAR["device"]),
+        Case("text-fifo", "text", _fifo("pipe.gguf"), NOT_REGULAR["fifo"]),
+        Case("mmproj-dev-zero", "mmproj", _symlink_to("/dev/zero", "mmproj-zero.gguf"), NOT_REGULAR["device"]),
+        Case("mmproj-fifo", "mmproj", _fifo("mmproj-pipe.gguf"), NOT_REGULAR["fifo"]),
+        Case("mmproj-directory", "mmproj", _directory("mmproj-dir.gguf"), r"is a directory, not "),
+        Case("ckpt-safetensors-fifo", "checkpoint", _ckpt(_safetensors_fifo), r"model\.safetensors is a FIFO"),
+        Case("ckpt-header-over-limit", "checkpoint", _ckpt(_header_over_limit), r"120\.0 MiB, more than the 100 MiB"),
+    ]
+
+
 def all_cases() -> list[Case]:
-    return [*_gguf_cases(), *_image_cases(), *_checkpoint_cases()]
+    return [*_gguf_cases(), *_image_cases(), *_checkpoint_cases(), *_special_cases()]
 
 
 CASES = {c.id: c for c in all_cases()}

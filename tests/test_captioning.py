@@ -155,7 +155,8 @@ def test_jsonl_records_have_all_columns_and_resume_skips(tmp_path: Path) -> None
     s1 = cap.caption_batch([tmp_path / "pics"], captioner=first, out=out)
     assert (s1.done, s1.skipped, s1.failed, s1.exit_code) == (5, 0, 0, 0)
     recs = read_jsonl(out)
-    assert [tuple(r) for r in recs] == [cap.COLUMNS] * 5
+    # path_bytes appears only for names that are not UTF-8
+    assert [tuple(r) for r in recs] == [tuple(c for c in cap.COLUMNS if c != "path_bytes")] * 5
     assert recs[0]["model"] == "colour" and recs[0]["tokens"] == 3 and recs[0]["error"] is None
     assert recs[0]["caption"] == f"rgb(0,10,20) for [{cap.DEFAULT_PROMPT}]"  # stripped
 
@@ -315,6 +316,9 @@ def test_second_writer_on_the_same_output_is_refused(tmp_path: Path) -> None:
 def test_first_ctrl_c_finishes_the_current_image(tmp_path: Path) -> None:
     make_images(tmp_path / "pics", 6)
     out = tmp_path / "out.jsonl"
+    # Whatever handler the caller had (a shell's background job starts with SIGINT ignored): the batch installs its
+    # own for the run and puts that one back afterwards.
+    before = signal.getsignal(signal.SIGINT)
 
     def interrupt(n: int) -> None:
         if n == 2:
@@ -327,7 +331,7 @@ def test_first_ctrl_c_finishes_the_current_image(tmp_path: Path) -> None:
     assert summary.interrupted and summary.exit_code == cap.EXIT_INTERRUPTED
     assert summary.done == 2 and len(read_jsonl(out)) == 2  # the image being captioned was finished and recorded
     assert "finishing the current image" in notices[0]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
@@ -388,3 +392,162 @@ def test_images_are_decoded_ahead_in_a_background_thread(tmp_path: Path, monkeyp
     # While image 1 was being captioned, images 2.. were decoded (up to the prefetch depth + the one in hand).
     assert ahead_when_first_called[0] >= 4
     assert [name for name, _ in decoded] == [f"img{i}.png" for i in range(6)]
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
+def test_ctrl_c_works_when_the_caller_ignores_sigint(tmp_path: Path) -> None:
+    """Run as a shell's background job, SIGINT starts ignored: the batch still sees Ctrl-C and restores SIG_IGN."""
+    make_images(tmp_path / "pics", 4)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+
+        def interrupt(n: int) -> None:
+            if n == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+        summary = cap.caption_batch(
+            [tmp_path / "pics"], captioner=ColourCaptioner(interrupt), out=tmp_path / "out.jsonl"
+        )
+        assert summary.interrupted and summary.done == 1
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_disk_full_mid_batch_keeps_whole_records_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC injected at the record writer (the kernel's error, where no small tmpfs can be mounted, as in
+    tests/test_interrupts.py::test_enospc_at_the_writer_boundary): one OutputError naming the log, whole records
+    only, and the same call resumes once there is space."""
+    import errno
+
+    from llava_cli.captioning import records
+
+    make_images(tmp_path / "pics", 5)
+    out = tmp_path / "out.jsonl"
+    real_write = os.write
+    calls = {"n": 0}
+
+    def full_after_two(fd: int, data: bytes) -> int:
+        if fd == log_fd[0]:
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    log_fd = [-1]
+    real_init = records.RecordLog.__init__
+
+    def remember_fd(self: records.RecordLog, path: Path, fmt: records.Format) -> None:
+        real_init(self, path, fmt)
+        log_fd[0] = self.fd
+
+    monkeypatch.setattr(records.RecordLog, "__init__", remember_fd)
+    monkeypatch.setattr(records.os, "write", full_after_two)
+    with pytest.raises(OutputError, match=r"disk full while writing .*out\.jsonl"):
+        cap.caption_batch([tmp_path / "pics"], captioner=ColourCaptioner(), out=out)
+    assert len(read_jsonl(out)) == 2  # whole records only
+    monkeypatch.setattr(records.os, "write", real_write)
+    summary = cap.caption_batch([tmp_path / "pics"], captioner=ColourCaptioner(), out=out)
+    assert (summary.skipped, summary.done) == (2, 3)
+    assert sorted(Path(r["path"]).name for r in read_jsonl(out)) == [f"img{i}.png" for i in range(5)]
+
+
+# --- names that are not UTF-8 (issue #15) ----------------------------------------------------------------------
+
+
+def _latin1(folder: Path, *names: bytes) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for raw in names:
+        path = os.path.join(os.fsencode(folder), raw)
+        Image.new("RGB", (8, 6), (len(raw) * 20 % 256, 40, 90)).save(path.decode("utf-8", "surrogateescape"), "PNG")
+        paths.append(os.fsdecode(path))
+    return paths
+
+
+def test_record_keeps_a_non_utf8_name_losslessly() -> None:
+    name = os.fsdecode(b"photos/caf\xe9 \\x41.png")  # a Latin-1 byte, and a literal backslash sequence
+    rec = cap.CaptionRecord(name, "c", "p", "m", "q", 0.1, 1)
+    assert rec.path == "photos/caf\\xe9 \\x41.png"  # for people: the byte as \xNN (ambiguous with the literal)
+    assert rec.path_bytes is not None and rec.fs_path == name  # exact
+    back = cap.CaptionRecord.from_dict(json.loads(rec.to_json()))
+    assert back.fs_path == name and os.fsencode(back.fs_path) == b"photos/caf\xe9 \\x41.png"
+    plain = cap.CaptionRecord("photos/caf\u00e9.png", "c", "p", "m", "q", 0.1, 1)
+    assert plain.path_bytes is None and "path_bytes" not in json.loads(plain.to_json())
+    # An error message quoting the raw name, set after construction, is still written as valid UTF-8.
+    rec.error = f"{name}: broken"
+    assert json.loads(rec.to_json())["error"] == "photos/caf\\xe9 \\x41.png: broken"
+    with pytest.raises(ValueError):
+        cap.CaptionRecord.from_dict({"path": "x", "path_bytes": "not base64!"})
+
+
+def test_non_utf8_names_are_discovered_captioned_and_resumed(tmp_path: Path) -> None:
+    paths = _latin1(tmp_path / "pics", b"a-caf\xe9.png", b"b-\xff\xfe.png", b"c-plain.png")
+    for fmt in ("jsonl", "csv"):
+        out = tmp_path / f"out.{fmt}"
+        seen: list[str] = []
+        s1 = cap.caption_batch(
+            [tmp_path / "pics"],
+            captioner=ColourCaptioner(),
+            out=out,
+            sidecar=True,
+            prompt="About {filename}",
+            on_record=lambda r: seen.append(r.prompt),  # noqa: B023  # called before the loop moves on
+        )
+        assert (s1.done, s1.failed) == (3, 0)
+        assert seen == ["About a-caf\\xe9.png", "About b-\\xff\\xfe.png", "About c-plain.png"]
+        state = cap.read_log(out, fmt)
+        assert sorted(r.fs_path for r in state.records) == sorted(paths)
+        s2 = cap.caption_batch([tmp_path / "pics"], captioner=ColourCaptioner(), out=out)
+        assert (s2.skipped, s2.done) == (3, 0)
+    assert all(os.path.exists(os.path.splitext(p)[0] + ".txt") for p in paths)
+    # The shard of a name is computed from its bytes: the same on every machine, whatever the locale.
+    assert {cap.shard_index(p, 7) for p in paths} <= set(range(7))
+
+
+def test_old_csv_log_without_path_bytes_resumes_and_is_upgraded(tmp_path: Path) -> None:
+    make_images(tmp_path / "pics", 3)
+    out = tmp_path / "out.csv"
+    done = str(tmp_path / "pics" / "img0.png")
+    old = ",".join(cap.COLUMNS[:-1]) + "\n" + f"{done},a red picture,p,m,q,0.1,3,\n"
+    out.write_text(old)
+    summary = cap.caption_batch([tmp_path / "pics"], captioner=ColourCaptioner(), out=out)
+    assert (summary.skipped, summary.done) == (1, 2)
+    rows = list(csv.reader(out.open()))
+    assert tuple(rows[0]) == cap.COLUMNS and all(len(r) == len(cap.COLUMNS) for r in rows)
+    assert rows[1][:2] == [done, "a red picture"]
+
+
+def test_list_files_keep_name_bytes_and_refuse_binary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import sys
+
+    paths = _latin1(tmp_path / "pics", b"caf\xe9.png", b"plain.png")
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"# a Latin-1 list\npics/caf\xe9.png\n  pics/plain.png  \npics/plain.png\n")
+    assert cap.discover_images([listing]) == sorted(paths)
+    # stdin, NUL-separated as find -print0 writes it (a name with a newline is still one name)
+    odd = _latin1(tmp_path / "pics", b"new\nline.png")[0]
+    raw = b"\0".join(os.fsencode(p) for p in [*paths, odd]) + b"\0"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw)))
+    assert sorted(cap.discover_images(["-"])) == sorted([*paths, odd])
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"a.png\n\x01\x02binary")))
+    with pytest.raises(UsageError, match=r"stdin is not a list of paths \(byte 0x01 at offset 6\)"):
+        cap.discover_images(["-"])
+    with pytest.raises(UsageError, match="only once"):
+        cap.discover_images(["-", "-"])
+
+
+def test_fifo_and_device_in_a_folder(tmp_path: Path) -> None:
+    """A FIFO with an image's name gets an error record saying what it is (never opened, so never blocking); one
+    without is skipped; the batch captions everything else."""
+    make_images(tmp_path / "pics", 2)
+    os.mkfifo(tmp_path / "pics" / "pipe.jpg")
+    os.mkfifo(tmp_path / "pics" / "pipe")
+    os.symlink("/dev/zero", tmp_path / "pics" / "zero.png")
+    out = tmp_path / "out.jsonl"
+    summary = cap.caption_batch([tmp_path / "pics"], captioner=ColourCaptioner(), out=out, recursive=True)
+    assert (summary.done, summary.failed) == (2, 2)
+    errors = {Path(r["path"]).name: r["error"] for r in read_jsonl(out) if r["error"]}
+    assert "is a FIFO (named pipe), not an image file" in errors["pipe.jpg"]
+    assert "is a character device, not an image file" in errors["zero.png"]

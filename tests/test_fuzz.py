@@ -17,6 +17,7 @@ import os
 import struct
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -165,3 +166,86 @@ def test_mutated_image_is_refused_or_rgb(fmt: str) -> None:
     prop()
     print(f"\nfuzz {fmt}: {stats}")
     assert stats["refused"] > 0, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# File names (issue #15): any bytes a Linux name may hold. Create the files, discover them, caption them with a fake
+# captioner (the model is not what is tested), stop halfway, resume: every file captioned exactly once, its record's
+# path giving back its exact bytes, its sidecar beside it, and the shards a partition of the set.
+
+
+class _NameCaptioner:
+    """Answers with the prompt it was given (which holds the {filename}); stops the batch after `stop_after`."""
+
+    model_name = "fake"
+    quantization = "none"
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        self.calls = 0
+        self.stop_after = stop_after
+
+    def caption(self, image: Any, prompt: str) -> tuple[str, int]:
+        self.calls += 1
+        if self.stop_after is not None and self.calls > self.stop_after:
+            raise KeyboardInterrupt  # a second Ctrl-C: the current image is dropped, not recorded
+        return f"seen: {prompt}", 1
+
+
+_NAME_BYTES = st.binary(min_size=1, max_size=40).map(lambda b: b.replace(b"/", b"_").replace(b"\0", b"_"))
+_NAMES = st.lists(
+    _NAME_BYTES.filter(lambda b: not b.startswith(b".")), min_size=1, max_size=6, unique_by=lambda b: b.lower()
+)
+
+
+def test_any_file_name_is_captioned_once_and_resumed() -> None:
+    from llava_cli.captioning import caption_batch, read_log, select_shard
+    from llava_cli.captioning.inputs import discover_images
+
+    png = _encoded("PNG")
+    stats = {"names": 0, "not_utf8": 0}
+
+    @_fuzz(60)
+    @given(_NAMES, st.integers(0, 6), st.sampled_from(["jsonl", "csv"]))
+    def prop(stems: list[bytes], stop_after: int, fmt: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = os.path.join(os.fsencode(tmp), b"pics")
+            os.mkdir(folder)
+            # Unique stems (case-folded, so no two share a sidecar on any filesystem), all PNGs.
+            files = []
+            for stem in stems:
+                raw = os.path.join(folder, stem + b".png")
+                with open(raw, "wb") as fh:
+                    fh.write(png)
+                files.append(os.fsdecode(raw))
+            stats["names"] += len(files)
+            stats["not_utf8"] += sum(1 for f in files if not _utf8(os.fsencode(f)))
+            found = discover_images([os.fsdecode(folder)])
+            assert sorted(found) == sorted(files)
+            assert sorted(p for k in range(1, 4) for p in select_shard(found, (k, 3))) == sorted(found)
+            out = Path(tmp) / f"log.{fmt}"
+            kw: dict[str, Any] = {"out": out, "sidecar": True, "prompt": "{filename}"}
+            first = caption_batch([os.fsdecode(folder)], captioner=_NameCaptioner(stop_after), **kw)
+            assert first.interrupted == (stop_after < len(files))
+            second = caption_batch([os.fsdecode(folder)], captioner=_NameCaptioner(), **kw)
+            assert second.skipped == first.done and second.done == len(files) - first.done
+            records = read_log(out, fmt).records  # type: ignore[arg-type]  # fmt is "jsonl" or "csv"
+            assert sorted(r.fs_path for r in records) == sorted(files)  # nothing lost, nothing twice
+            for r in records:
+                raw = os.fsencode(r.fs_path)
+                assert r.ok and (r.path_bytes is None) == _utf8(raw)
+                assert r.path == raw.decode("utf-8", "backslashreplace")
+                assert r.caption == "seen: " + os.path.basename(raw).decode("utf-8", "backslashreplace")
+                with open(os.path.splitext(raw)[0] + b".txt", encoding="utf-8", newline="") as fh:
+                    assert fh.read() == r.caption + "\n"
+
+    prop()
+    print(f"\nfuzz file names: {stats}")
+    assert stats["not_utf8"] > 0, stats  # the property met names that are not UTF-8
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -9,18 +9,23 @@ real ``python -m llava_cli`` interpreter to show the forked runner sees what a u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from quantize import convert
 from quantize.synthetic import make_checkpoint
-from tests.bad_inputs import CASES, Case, CliResult, Sources, picture, run_cli
+from tests.bad_inputs import CASES, Case, CliResult, Sources, picture, run_cli, sparse
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,8 +40,21 @@ COMMANDS = {
 # tokenizer are not its business, so only the config cases apply to it.
 VRAM_CHECKPOINT_CASES = ("ckpt-config-not-json", "ckpt-config-missing")
 
+# Found by the #15 sweep in a file this suite does not own: quantize looks for its mmproj among the *regular* files
+# beside the model, so a device, FIFO or directory named mmproj-*.gguf there gets "no mmproj-*.gguf beside" instead
+# of what it is (quantize/quantizer.py; reading.require_regular says it in one call).
+_QUANTIZE_MMPROJ_BESIDE = pytest.mark.xfail(
+    strict=True, reason="quantize/quantizer.py skips a non-regular mmproj beside the model without saying what it is"
+)
+KNOWN = {(c, "quantize"): _QUANTIZE_MMPROJ_BESIDE for c in ("mmproj-dev-zero", "mmproj-fifo", "mmproj-directory")}
+# Also found by #15 outside this suite's files: `llava convert FILE` draws its progress bar before the checkpoint is
+# opened, so a refused input prints an empty "Converting 0/?" line above the error (llava_cli/cli/convert.py).
+_CONVERT_BAR_FIRST = pytest.mark.xfail(
+    strict=True, reason="llava_cli/cli/convert.py prints its progress bar before the input is validated"
+)
+
 TABLE = [
-    pytest.param(case.id, command, id=f"{case.id}-{command}")
+    pytest.param(case.id, command, id=f"{case.id}-{command}", marks=KNOWN.get((case.id, command), ()))
     for case in CASES.values()
     for command in COMMANDS[case.family]
     if not (command == "vram-check" and case.family == "checkpoint" and case.id not in VRAM_CHECKPOINT_CASES)
@@ -207,3 +225,363 @@ def test_real_interpreter_agrees(case_id: str, command: str, sources: Sources, t
     assert proc.returncode == forked.code > 0, proc.stderr
     assert proc.stderr.strip() == forked.stderr.strip()
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue #15: endless streams, FIFOs with a writer, devices named directly, oversize files, bytes that are not UTF-8.
+# Every case: one clear line (or a correct record), and the child's peak RSS under MEMORY_BOUND_MB.
+
+MEMORY_BOUND_MB = 300.0  # the forked child starts at ~60 MB; an image limit's worth of stdin (100 MiB) is read at most
+
+
+@contextlib.contextmanager
+def writer(fifo: Path, pattern: bytes | None) -> Iterator[Path]:
+    """Hold `fifo` open for writing (so a reader's open() succeeds); with `pattern`, write it endlessly."""
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # O_RDWR on a FIFO never blocks (Linux)
+    stop = threading.Event()
+
+    def pump() -> None:
+        block = (pattern or b"") * max(1, 65536 // max(1, len(pattern or b"x")))
+        while not stop.is_set():
+            try:
+                os.write(fd, block)
+            except BlockingIOError:
+                time.sleep(0.001)
+            except OSError:
+                return
+
+    thread = threading.Thread(target=pump, daemon=True)
+    if pattern is not None:
+        thread.start()
+    else:
+        with contextlib.suppress(BlockingIOError):
+            os.write(fd, b"\x89PNG\r\n\x1a\n" + b"\0" * 4096)  # something in the pipe, and the writer stays
+    try:
+        yield fifo
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join(5)
+        os.close(fd)
+
+
+def _one_line(res: CliResult, expect: str) -> str:
+    assert not res.crashed, res.stderr[-2000:]
+    _assert_no_traceback(res)
+    assert res.code > 0, f"exit 0; stdout: {res.stdout[-300:]}"
+    lines = res.error_lines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{res.stderr}"
+    assert lines[0].startswith("error:") and re.search(expect, lines[0]), f"{expect!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def _bounded(res: CliResult) -> None:
+    assert res.peak_rss_mb is not None and res.peak_rss_mb < MEMORY_BOUND_MB, res.peak_rss_mb
+
+
+def _model(src: Sources) -> list[str]:
+    return ["--model", str(src.text), "--mmproj", str(src.mmproj), *RUNTIME]
+
+
+# (id, argv builder, stdin, expected line). stdin: a device path, or "pipe:<pattern>" for a FIFO fed endlessly.
+ENDLESS: list[tuple[str, Callable[[Sources, Path], list[str]], str, str]] = [
+    (
+        "run-image-zero",
+        lambda s, w: ["run", "--image", "-", "x", *_model(s)],
+        "/dev/zero",
+        "stdin holds more than the 100 MiB image limit",
+    ),
+    (
+        "run-image-urandom",
+        lambda s, w: ["run", "--image", "-", "x", *_model(s)],
+        "/dev/urandom",
+        "stdin holds more than the 100 MiB image limit",
+    ),
+    (
+        "run-image-pipe",
+        lambda s, w: ["run", "--image", "-", "x", *_model(s)],
+        "pipe:\x89PNG",
+        "stdin holds more than the 100 MiB image limit.*--max-image-mb",
+    ),
+    (
+        "run-prompt-zero",
+        lambda s, w: ["run", "-", "--image", str(s.image), *_model(s)],
+        "/dev/zero",
+        r"stdin is not text \(byte 0x00",
+    ),
+    (
+        "run-prompt-pipe",
+        lambda s, w: ["run", "-", "--image", str(s.image), *_model(s)],
+        "pipe:a",
+        "stdin holds more than the 1 MiB prompt limit.*LLAVA_MAX_PROMPT_MB",
+    ),
+    ("chat-zero", lambda s, w: ["chat", *_model(s)], "/dev/zero", r"stdin line 1 is not text \(byte 0x00"),
+    ("chat-urandom", lambda s, w: ["chat", *_model(s)], "/dev/urandom", r"stdin line \d+ is not text"),
+    ("chat-pipe", lambda s, w: ["chat", *_model(s)], "pipe:a", "stdin line 1 holds more than the 1 MiB prompt limit"),
+    (
+        "caption-list-zero",
+        lambda s, w: ["caption", "-", "--out", str(w / "c.jsonl"), *_model(s)],
+        "/dev/zero",
+        "stdin holds more than the 256 MiB list file limit",
+    ),
+    (
+        "caption-list-urandom",
+        lambda s, w: ["caption", "-", "--out", str(w / "c.jsonl"), *_model(s)],
+        "/dev/urandom",
+        "stdin is not a list of paths",
+    ),
+    (
+        "caption-list-pipe",
+        lambda s, w: ["caption", "-", "--out", str(w / "c.jsonl"), *_model(s)],
+        "pipe:photos/a.jpg\n",
+        "stdin holds more than the 4 MiB list file limit",
+    ),
+    (
+        "caption-prompt-zero",
+        lambda s, w: ["caption", str(s.image), "--prompt-file", "-", *_model(s)],
+        "/dev/zero",
+        r"stdin is not text",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case_id", "argv", "stdin", "expect"), ENDLESS, ids=[e[0] for e in ENDLESS])
+def test_endless_stdin_is_bounded(
+    case_id: str, argv: Callable[[Sources, Path], list[str]], stdin: str, expect: str, sources: Sources, tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {"LLAVA_MAX_LIST_MB": "4"} if case_id == "caption-list-pipe" else None
+    with contextlib.ExitStack() as stack:
+        if stdin.startswith("pipe:"):
+            source = stack.enter_context(writer(tmp_path / "stream", stdin[5:].encode("latin-1")))
+        else:
+            source = Path(stdin)
+        res = run_cli(argv(sources, work), work, stdin_path=source, env=env, timeout=180)
+    _one_line(res, expect)
+    _bounded(res)
+    assert not (work / "c.jsonl").exists() or (work / "c.jsonl").stat().st_size == 0
+
+
+# Special files named directly (a FIFO here has a writer holding it open: a plain open would succeed and then read
+# forever): refused by type, at once, with what the file is.
+SPECIAL: list[Any] = [
+    (
+        "run-image-fifo",
+        lambda s, f, w: ["run", "--image", str(f), "x", *_model(s)],
+        r"pipe is a FIFO \(named pipe\), not an image file",
+    ),
+    (
+        "chat-image-fifo",
+        lambda s, f, w: ["chat", "--image", str(f), *_model(s)],
+        r"is a FIFO \(named pipe\), not an image file",
+    ),
+    (
+        "caption-input-fifo",
+        lambda s, f, w: ["caption", str(f), *_model(s)],
+        r"is a FIFO .*, not a folder, an image or a list file.*give -",
+    ),
+    (
+        "caption-prompt-file-fifo",
+        lambda s, f, w: ["caption", str(s.image), "--prompt-file", str(f), *_model(s)],
+        r"is a FIFO .*, not a prompt file",
+    ),
+    (
+        "run-model-fifo",
+        lambda s, f, w: ["run", "--model", str(f), "--mmproj", str(s.mmproj), "x"],
+        r"is a FIFO .*, not a model file",
+    ),
+    (
+        "run-mmproj-fifo",
+        lambda s, f, w: ["run", "--model", str(s.text), "--mmproj", str(f), "x"],
+        r"is a FIFO .*, not a \.gguf file",
+    ),
+    (
+        "vram-check-model-fifo",
+        lambda s, f, w: ["vram-check", "--model", str(f), "--mmproj", str(s.mmproj)],
+        r"is a FIFO",
+    ),
+    (
+        "run-image-dev-zero",
+        lambda s, f, w: ["run", "--image", "/dev/zero", "x", *_model(s)],
+        r"/dev/zero is a character device, not an image file",
+    ),
+    (
+        "run-image-dev-urandom",
+        lambda s, f, w: ["run", "--image", "/dev/urandom", "x", *_model(s)],
+        r"/dev/urandom is a character device",
+    ),
+    (
+        "chat-image-dev-zero",
+        lambda s, f, w: ["chat", "--image", "/dev/zero", *_model(s)],
+        r"/dev/zero is a character device",
+    ),
+    (
+        "caption-input-dev-zero",
+        lambda s, f, w: ["caption", "/dev/zero", *_model(s)],
+        r"/dev/zero is a character device, not a folder",
+    ),
+    (
+        "caption-prompt-file-dev-zero",
+        lambda s, f, w: ["caption", str(s.image), "--prompt-file", "/dev/zero"],
+        r"/dev/zero is a character device, not a prompt file",
+    ),
+    (
+        "caption-out-dev-null",
+        lambda s, f, w: ["caption", str(s.image), "--out", "/dev/null", *_model(s)],
+        r"/dev/null is a character device, not a file: the log is read back",
+    ),
+    (
+        "run-model-dev-zero",
+        lambda s, f, w: ["run", "--model", "/dev/zero", "x"],
+        r"/dev/zero is a character device, not a model file",
+    ),
+    (
+        "run-mmproj-dev-zero",
+        lambda s, f, w: ["run", "--model", str(s.text), "--mmproj", "/dev/zero", "x"],
+        r"/dev/zero is a character device, not a \.gguf file",
+    ),
+    ("vram-check-dev-zero", lambda s, f, w: ["vram-check", "--model", "/dev/zero"], r"/dev/zero is a character device"),
+    (
+        "quantize-dev-zero",
+        lambda s, f, w: ["quantize", "/dev/zero", "--bits", "q8_0", "--out", str(w / "o")],
+        r"/dev/zero is a character device",
+    ),
+    pytest.param(
+        "convert-dev-zero",
+        lambda s, f, w: ["convert", "/dev/zero", "--out", str(w / "o")],
+        r"/dev/zero is not a directory",
+        marks=_CONVERT_BAR_FIRST,
+        id="convert-dev-zero",
+    ),
+    (
+        "run-mmproj-directory",
+        lambda s, f, w: ["run", "--model", str(s.text), "--mmproj", str(w), "x"],
+        r"is a directory, not a \.gguf file",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case_id", "argv", "expect"), [r if hasattr(r, "marks") else pytest.param(*r, id=r[0]) for r in SPECIAL]
+)
+def test_special_files_are_refused_by_type(
+    case_id: str, argv: Callable[[Sources, Path, Path], list[str]], expect: str, sources: Sources, tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    with writer(tmp_path / "pipe", None) as fifo:
+        res = run_cli(argv(sources, fifo, work), work, timeout=60)
+    _one_line(res, expect)
+    _bounded(res)
+
+
+def test_oversize_files_are_refused_from_their_size(sources: Sources, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    listed = sparse(tmp_path / "list.txt", 300 << 20, f"{sources.image}\n".encode())
+    res = run_cli(["caption", str(listed), *_model(sources)], work)
+    _one_line(res, r"list\.txt is 300\.0 MiB, more than the 256 MiB list file limit.*LLAVA_MAX_LIST_MB")
+    _bounded(res)
+    prompt = sparse(tmp_path / "prompt.txt", 2 << 20, b"Describe it.")
+    res = run_cli(["caption", str(sources.image), "--prompt-file", str(prompt), *_model(sources)], work)
+    _one_line(res, r"prompt\.txt is 2\.0 MiB, more than the 1 MiB prompt limit")
+    # A GGUF header over its limit (the limit lowered to 1 KiB, the tiny model's header is larger).
+    res = run_cli(["vram-check", "--model", str(sources.text)], work, env={"LLAVA_MAX_HEADER_MB": "0.001"})
+    _one_line(res, r"its header holds more than the 0\.001 MiB model header limit.*LLAVA_MAX_HEADER_MB")
+
+
+def test_image_limit_is_raised_by_the_flag_and_the_variable(sources: Sources, tmp_path: Path) -> None:
+    huge = sparse(tmp_path / "huge.png", 150 << 20, (sources.image).read_bytes())  # a PNG, then a 150 MiB hole
+    argv = ["run", "--image", str(huge), *_model(sources), "--json", "What is this?"]
+    _one_line(run_cli(argv, tmp_path / "w"), r"huge\.png is 150\.0 MiB, more than the 100 MiB image limit")
+    for extra, env in ((["--max-image-mb", "160"], None), ([], {"LLAVA_MAX_IMAGE_MB": "160"})):
+        res = run_cli([*argv, *extra], tmp_path / "w", env=env)
+        assert res.code == 0, res.stderr
+        assert json.loads(res.stdout)["images"][0]["width"] == 48
+    _one_line(run_cli([*argv, "--max-image-mb", "0.01"], tmp_path / "w"), r"more than the 0\.01 MiB image limit")
+
+
+LATIN1 = {"good": b"caf\xe9.png", "bad": b"d\xe9g\xe2t.jpg", "dir": b"\xe9t\xe9"}
+
+
+def _latin1_folder(src: Sources, root: Path) -> dict[str, bytes]:
+    """good.png, a Latin-1 named good image, a Latin-1 named corrupt one, and a Latin-1 subfolder with an image."""
+    broot = os.fsencode(root)
+    os.makedirs(broot + b"/" + LATIN1["dir"])
+    files = {
+        "plain": broot + b"/good.png",
+        "good": broot + b"/" + LATIN1["good"],
+        "bad": broot + b"/" + LATIN1["bad"],
+        "inner": broot + b"/" + LATIN1["dir"] + b"/inner.png",
+    }
+    for key, name in files.items():
+        with open(name, "wb") as fh:
+            fh.write(b"not an image at all" if key == "bad" else src.image.read_bytes())
+    return files
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_non_utf8_names_caption_resume_and_sidecars(fmt: str, sources: Sources, tmp_path: Path) -> None:
+    import base64
+    import csv
+
+    files = _latin1_folder(sources, tmp_path / "pics")
+    out = tmp_path / f"captions.{fmt}"
+    argv = ["caption", str(tmp_path / "pics"), "-r", "--sidecar", "--out", str(out), *_model(sources)]
+    argv += ["--prompt", "Describe {filename} in {parent}.", "--quiet"]
+
+    def records() -> list[dict[str, str]]:
+        if fmt == "csv":
+            return list(csv.DictReader(out.open(encoding="utf-8")))
+        return [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+    res = run_cli(argv, tmp_path / "w")
+    _assert_no_traceback(res)
+    assert res.code == 3, res.stderr  # the corrupt one failed; the batch finished every other image
+    recs = records()
+    assert len(recs) == 4
+    by_bytes = {base64.b64decode(r["path_bytes"]) if r.get("path_bytes") else r["path"].encode(): r for r in recs}
+    assert set(by_bytes) == set(files.values())  # lossless: path_bytes gives back the exact name
+    good = by_bytes[files["good"]]
+    assert good["path"].endswith("caf\\xe9.png") and not good["error"]  # \xNN for people
+    assert good["prompt"] == f"Describe caf\\xe9.png in {os.path.basename(str(tmp_path / 'pics'))}."
+    assert by_bytes[files["inner"]]["prompt"] == "Describe inner.png in \\xe9t\\xe9."
+    assert not by_bytes[files["plain"]].get("path_bytes")  # only names that are not UTF-8 carry it
+    bad = by_bytes[files["bad"]]
+    assert "d\\xe9g\\xe2t.jpg" in bad["error"] and "not an image" in bad["error"], bad
+    failed = [line for line in res.error_lines() if "failed:" in line]
+    assert len(failed) == 1 and "d\\xe9g\\xe2t.jpg" in failed[0], res.stderr
+    for key in ("plain", "good", "inner"):
+        assert os.path.exists(os.path.splitext(files[key])[0] + b".txt")  # sidecars at the byte names
+    # Resume: the three done are recognised (by path_bytes), the failed one is retried, still one record each.
+    res = run_cli(argv, tmp_path / "w")
+    assert res.code == 3 and "3 skipped" in res.stderr, res.stderr
+    assert sorted(r["path"] for r in records()) == sorted(r["path"] for r in recs)
+
+
+def test_text_that_is_not_utf8_is_repaired_with_a_note(sources: Sources, tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    note = "is not valid UTF-8: 1 byte replaced by U+FFFD"
+    # argv: Python hands undecodable bytes over as surrogate escapes.
+    res = run_cli(["run", "--image", str(sources.image), *_model(sources), "--json", "caf\udce9?"], work)
+    assert res.code == 0 and f"note: the prompt {note}" in res.stderr, res.stderr
+    assert "answer" in json.loads(res.stdout)
+    res = run_cli(["run", "-", "--image", str(sources.image), *_model(sources), "--json"], work, stdin=b"caf\xe9?\n")
+    assert res.code == 0 and f"note: the prompt {note}" in res.stderr, res.stderr
+    # chat from a pipe: a message is repaired, a /image name keeps its bytes (the file is found).
+    files = _latin1_folder(sources, tmp_path / "pics")
+    lines = b"caf\xe9?\n/image " + files["good"] + b"\nand now?\n/exit\n"
+    res = run_cli(["chat", *_model(sources)], work, stdin=lines)
+    _assert_no_traceback(res)
+    assert res.code == 0 and f"note: this message {note}" in res.stderr, res.stderr
+    assert "caf\\xe9.png (48×40) will go with your next message" in res.stderr, res.stderr
+    # A prompt file with a Latin-1 byte, and a prefix from argv with one.
+    (tmp_path / "prompt.txt").write_bytes(b"D\xe9cris l'image.")
+    argv = ["caption", str(sources.image), "--prompt-file", str(tmp_path / "prompt.txt"), "--prefix", "\udce9 "]
+    res = run_cli([*argv, "--out", str(tmp_path / "c.jsonl"), *_model(sources), "--quiet"], work)
+    assert res.code == 0, res.stderr
+    assert f"note: the prompt {note}" in res.stderr and f"note: --prefix {note}" in res.stderr, res.stderr
+    rec = json.loads((tmp_path / "c.jsonl").read_text(encoding="utf-8"))
+    assert rec["prompt"] == "D\ufffdcris l'image." and rec["caption"].startswith("\ufffd ")

@@ -91,20 +91,29 @@ class Prefetcher:
     """
 
     def __init__(
-        self, paths: Sequence[str], *, ahead: int, want_existing: bool, max_pixels: int = DEFAULT_MAX_PIXELS
+        self,
+        paths: Sequence[str],
+        *,
+        ahead: int,
+        want_existing: bool,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_bytes: int | None = None,
     ) -> None:
         self._paths = paths
         self._queue: queue.Queue[Prepared | None] = queue.Queue(maxsize=max(1, ahead))
         self._stop = threading.Event()
         self._want_existing = want_existing
         self._max_pixels = max_pixels
+        self._max_bytes = max_bytes
         self._thread = threading.Thread(target=self._work, name="llava-caption-prefetch", daemon=True)
         self._thread.start()
 
     def _prepare(self, path: str) -> Prepared:
-        existing = read_existing(path) if self._want_existing else ""
+        existing = ""
         try:
-            return Prepared(path, load_image(path, max_pixels=self._max_pixels), None, existing)
+            existing = read_existing(path) if self._want_existing else ""
+            image = load_image(path, max_pixels=self._max_pixels, max_bytes=self._max_bytes)
+            return Prepared(path, image, None, existing)
         except LlavaError as exc:
             return Prepared(path, None, exc.message, existing)
         except Exception as exc:  # a decoder bug on one odd file must not end the batch
@@ -267,10 +276,10 @@ def pending_images(
             if state.repaired:
                 notice(f"repaired {log_path}: cut off a torn last record from an interrupted run")
             done = {resume_key(p) for p in state.done}
-            retry = {resume_key(r.path) for r in state.records if not r.ok} & {resume_key(p) for p in paths}
+            retry = {resume_key(r.fs_path) for r in state.records if not r.ok} & {resume_key(p) for p in paths}
             if retry:
                 # One record per image: drop the old failure records of images this run tries again.
-                rewrite_log(log_path, log_fmt, [r for r in state.records if resume_key(r.path) not in retry])
+                rewrite_log(log_path, log_fmt, [r for r in state.records if resume_key(r.fs_path) not in retry])
     elif not overwrite:
         done = {resume_key(p) for p in paths if sidecar_path(p).exists()}
     todo = [p for p in paths if resume_key(p) not in done]
@@ -282,7 +291,7 @@ def commit_record(record: CaptionRecord, log: RecordLog | None, write_sidecars: 
     """Make one image's result durable and count it. Shared by the local loop and the Ray driver (ray_data.py)."""
     # Sidecar first, then the log record: if we die in between, the image is redone and the sidecar rewritten.
     if record.ok and write_sidecars:
-        write_sidecar(record.path, record.caption or "")
+        write_sidecar(record.fs_path, record.caption or "")
     if log is not None:
         log.write(record)
     if record.ok:
@@ -308,6 +317,7 @@ def caption_batch(
     shard: str | tuple[int, int] | None = None,
     prefetch: int = DEFAULT_PREFETCH,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_image_bytes: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     on_record: Callable[[CaptionRecord], None] | None = None,
     on_notice: Callable[[str], None] | None = None,
@@ -344,7 +354,9 @@ def caption_batch(
 
         clashes = _sidecar_clashes(paths) if write_sidecars else {}
         # Start decoding before the model loads: the first images are ready when it is.
-        prefetcher = Prefetcher(todo, ahead=prefetch, want_existing=uses_existing, max_pixels=max_pixels)
+        prefetcher = Prefetcher(
+            todo, ahead=prefetch, want_existing=uses_existing, max_pixels=max_pixels, max_bytes=max_image_bytes
+        )
         log = None
         interrupts = _Interrupts(
             lambda: notice("Ctrl-C: finishing the current image, then stopping (press it again to stop now)")

@@ -9,27 +9,50 @@ being one small file per image, go through `atomic_path` itself.
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
 import os
+import stat
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from llava_cli import reading
 from llava_cli.atomic import atomic_path, output_error
 from llava_cli.errors import OutputError
 
 Format = Literal["jsonl", "csv", "txt"]
 FORMATS: tuple[str, ...] = ("jsonl", "csv", "txt")
-COLUMNS = ("path", "caption", "prompt", "model", "quantization", "seconds", "tokens", "error")
+COLUMNS = ("path", "caption", "prompt", "model", "quantization", "seconds", "tokens", "error", "path_bytes")
+# Logs written before `path_bytes` existed: read (and resumed) as they are, upgraded when next rewritten.
+OLD_COLUMNS = COLUMNS[:-1]
+
+
+def _clean(value: str | None) -> str | None:
+    """Any text that reaches a record is valid UTF-8: a stray surrogate escape (a file name quoted in an error
+    message) is shown as ``\\xNN``, as `reading.display_name` shows names."""
+    if value is None or value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return reading.name_bytes(value).decode("utf-8", "backslashreplace")
 
 
 @dataclass
 class CaptionRecord:
-    """One line of output: what was asked about which image, the answer, and what it cost (or why it failed)."""
+    """One line of output: what was asked about which image, the answer, and what it cost (or why it failed).
+
+    ``path`` is the image's name as people read it: exactly the name when it is valid UTF-8, else with each
+    undecodable byte written ``\\xNN``. Only then ``path_bytes`` holds the name's exact bytes, base64-encoded;
+    `fs_path` is the name the OS knows (both directions are lossless; see docs/captioning.md). Built from a name
+    with surrogate escapes (what ``os.scandir`` returns), a record fills in both fields itself.
+    """
 
     path: str
     caption: str | None
@@ -39,13 +62,34 @@ class CaptionRecord:
     seconds: float
     tokens: int
     error: str | None = None
+    path_bytes: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.path_bytes is None and not reading.is_utf8_name(self.path):
+            self.path_bytes = base64.b64encode(reading.name_bytes(self.path)).decode("ascii")
+        self.path = _clean(self.path) or ""
+        self.caption, self.prompt, self.error = _clean(self.caption), _clean(self.prompt) or "", _clean(self.error)
 
     @property
     def ok(self) -> bool:
         return not self.error
 
+    @property
+    def fs_path(self) -> str:
+        """The image's path as the OS names it (undecodable bytes as Python's surrogate escapes)."""
+        if self.path_bytes:
+            return os.fsdecode(base64.b64decode(self.path_bytes))
+        return self.path
+
+    def to_dict(self) -> dict[str, Any]:
+        # Cleaned again here: fields may have been set after construction (an error message quoting a name).
+        data = {k: _clean(v) if isinstance(v, str) else v for k, v in asdict(self).items()}
+        if data["path_bytes"] is None:
+            del data["path_bytes"]  # only names that are not UTF-8 carry it
+        return data
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        return json.dumps(self.to_dict(), ensure_ascii=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CaptionRecord:
@@ -53,6 +97,11 @@ class CaptionRecord:
             raise ValueError("no 'path' field")
         error = data.get("error") or None
         caption = data.get("caption")
+        path_bytes = data.get("path_bytes") or None
+        if path_bytes is not None:
+            if not isinstance(path_bytes, str):
+                raise ValueError("'path_bytes' is not a base64 string")
+            base64.b64decode(path_bytes, validate=True)  # binascii.Error is a ValueError
         return cls(
             path=data["path"],
             caption=(caption or None) if error else str(caption or ""),
@@ -62,6 +111,7 @@ class CaptionRecord:
             seconds=float(data.get("seconds") or 0.0),
             tokens=int(data.get("tokens") or 0),
             error=error,
+            path_bytes=path_bytes,
         )
 
 
@@ -77,9 +127,12 @@ class LogState:
     records: list[CaptionRecord] = field(default_factory=list)
     repaired: bool = False
 
+    old_csv_header: bool = False  # a CSV log written before the path_bytes column
+
     @property
     def done(self) -> set[str]:
-        return {r.path for r in self.records if r.ok}
+        """The images (as the OS names them) with a success record."""
+        return {r.fs_path for r in self.records if r.ok}
 
 
 def _corrupt(path: Path, line: int, why: str) -> OutputError:
@@ -125,6 +178,7 @@ def _read_csv(path: Path, data: bytes) -> tuple[list[CaptionRecord], int]:
             yield line.decode("utf-8", errors="replace")
 
     reader = csv.reader(feed(), strict=True)
+    header: tuple[str, ...] = COLUMNS
     records: list[CaptionRecord] = []
     good_end = 0
     while True:
@@ -144,12 +198,13 @@ def _read_csv(path: Path, data: bytes) -> tuple[list[CaptionRecord], int]:
             if last_and_torn:
                 break
             if good_end == 0:
-                if tuple(row) != COLUMNS:
+                if tuple(row) not in (COLUMNS, OLD_COLUMNS):
                     raise ValueError(f"header is not {','.join(COLUMNS)}")
-            elif len(row) != len(COLUMNS):
-                raise ValueError(f"{len(row)} fields instead of {len(COLUMNS)}")
+                header = tuple(row)
+            elif len(row) != len(header):
+                raise ValueError(f"{len(row)} fields instead of {len(header)}")
             else:
-                records.append(CaptionRecord.from_dict(dict(zip(COLUMNS, row, strict=True))))
+                records.append(CaptionRecord.from_dict(dict(zip(header, row, strict=True))))
         except ValueError as exc:
             if end == len(data) and good_end > 0:
                 break
@@ -161,9 +216,20 @@ def _read_csv(path: Path, data: bytes) -> tuple[list[CaptionRecord], int]:
 def read_log(path: Path, fmt: Format) -> LogState:
     """Read an existing output log, cutting off a torn last record (the file is truncated in place)."""
     try:
-        data = path.read_bytes()
+        st = os.stat(path)
     except FileNotFoundError:
         return LogState()
+    except OSError as exc:
+        raise OutputError(f"cannot read {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        # It is read back to resume, so it must be a file: /dev/stdout or a FIFO would block or never end.
+        raise OutputError(
+            f"{path} is {reading.kind(st.st_mode)}, not a file: the log is read back to resume",
+            hint="give --out a file name; pipe records from the file with tail -f if needed",
+        )
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
     except OSError as exc:
         raise OutputError(f"cannot read {path}: {exc.strerror}") from exc
     records, good_end = (_read_csv if fmt == "csv" else _read_jsonl)(path, data)
@@ -180,18 +246,25 @@ def read_log(path: Path, fmt: Format) -> LogState:
                 os.fsync(fh.fileno())
         except OSError as exc:
             raise output_error(exc, path) from exc
-    return LogState(records=records, repaired=repaired)
+    old_header = fmt == "csv" and data.startswith(",".join(OLD_COLUMNS).encode() + b"\n")
+    if old_header:
+        rewrite_log(path, fmt, records)  # appended rows have the path_bytes column: the header must too
+    return LogState(records=records, repaired=repaired, old_csv_header=old_header)
 
 
 def _encode_csv_row(values: Sequence[Any]) -> bytes:
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(values)
+    # QUOTE_MINIMAL quotes a field holding the line terminator ("\n") but not a lone "\r", which the reader takes as
+    # a line end: such a row (a file name with a CR, found by tests/test_fuzz.py) is written fully quoted.
+    cr = any(isinstance(v, str) and "\r" in v for v in values)
+    csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_ALL if cr else csv.QUOTE_MINIMAL).writerow(values)
     return buf.getvalue().encode("utf-8")
 
 
 def _encode(record: CaptionRecord, fmt: Format) -> bytes:
     if fmt == "csv":
-        values = [getattr(record, f.name) for f in fields(record)]
+        data = record.to_dict()
+        values = [data.get(name) for name in COLUMNS]
         return _encode_csv_row(["" if v is None else v for v in values])
     return (record.to_json() + "\n").encode("utf-8")
 

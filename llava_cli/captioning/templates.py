@@ -3,12 +3,14 @@ checked once before the batch starts and rendered verbatim per image."""
 
 from __future__ import annotations
 
+import os
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from llava_cli import reading
 from llava_cli.captioning.records import sidecar_path
-from llava_cli.errors import UsageError
+from llava_cli.errors import InputNotFoundError, UsageError
 
 TEMPLATE_FIELDS = ("filename", "stem", "parent", "existing")
 
@@ -32,6 +34,7 @@ class Template:
 def parse_template(text: str, *, what: str = "--prompt") -> Template:
     """Check `text` for unknown fields once, before the batch starts, so a typo fails fast."""
     known = ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS)
+    text = reading.repair_text(text)[0]  # the text policy; the CLI has already said so in a note
     try:
         parsed = list(string.Formatter().parse(text))
     except ValueError as exc:
@@ -50,13 +53,23 @@ def parse_template(text: str, *, what: str = "--prompt") -> Template:
 
 
 def read_existing(image: str | Path) -> str:
-    """The text of the image's existing sidecar, or "" if there is none."""
-    try:
-        return sidecar_path(image).read_text(encoding="utf-8", errors="replace").strip()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    """The text of the image's existing sidecar, or "" if there is none.
+
+    Read like any input (llava_cli/reading.py): a sidecar that is a FIFO or device, or longer than the prompt
+    limit, is an `LlavaError` (that image's error record); bytes that are not UTF-8 become U+FFFD."""
+    target = sidecar_path(image)
+    if not os.path.lexists(target):
         return ""
+    try:
+        data = reading.read_file(target, reading.TEXT, what="a caption file", error=UsageError)
+    except InputNotFoundError:  # a dangling symlink, or removed since
+        return ""
+    return reading.decode_text(data)[0].strip()
 
 
 def template_values(image: str, existing: str = "") -> dict[str, str]:
+    """The fields of one image. Names are shown as people read them (`reading.display_name`: undecodable bytes as
+    ``\\xNN``), so a prompt is always valid text, whatever bytes the file name holds."""
     p = Path(image)
-    return {"filename": p.name, "stem": p.stem, "parent": p.parent.name, "existing": existing}
+    show = reading.display_name
+    return {"filename": show(p.name), "stem": show(p.stem), "parent": show(p.parent.name), "existing": existing}

@@ -21,7 +21,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from llava_cli import captioning
+from llava_cli import captioning, reading
 from llava_cli.cli.options import (
     BitsOpt,
     CtxOpt,
@@ -33,8 +33,8 @@ from llava_cli.cli.options import (
     ThreadsOpt,
 )
 from llava_cli.cli.progress import stderr
-from llava_cli.cli.run import SeedOpt, SystemOpt, TemperatureOpt, TopPOpt, VerboseOpt
-from llava_cli.errors import InputNotFoundError, UsageError
+from llava_cli.cli.run import MaxImageMbOpt, SeedOpt, SystemOpt, TemperatureOpt, TopPOpt, VerboseOpt
+from llava_cli.errors import UsageError
 
 HELP = f"""Caption many images with one model load: folders, globs or list files in; JSONL, CSV or .txt sidecars out.
 
@@ -58,6 +58,8 @@ Examples:
 
   llava caption todo.txt --out refined.jsonl --prompt "Improve this caption: {{existing}}"
 
+  find /data -name '*.jpg' -print0 | llava caption - --out captions.jsonl
+
   # A Slurm job array of 8 tasks, each captioning a disjoint 1/8 of the images into its own file:
   #SBATCH --array=1-8
   llava caption /data/images --recursive --shard $SLURM_ARRAY_TASK_ID/8 --out captions.$SLURM_ARRAY_TASK_ID.jsonl
@@ -71,7 +73,8 @@ InputsArg = Annotated[
     list[str],
     typer.Argument(
         help="Folders, image files, glob patterns (quote them: 'photos/**/*.jpg') or text files listing one image "
-        "path per line (relative to the list file). Example: photos/ extra.jpg list.txt",
+        "path per line (relative to the list file), or - to read such a list from stdin (lines, or NUL-separated "
+        "as find -print0 writes). Example: photos/ extra.jpg list.txt",
         show_default=False,
     ),
 ]
@@ -89,7 +92,8 @@ PromptFileOpt = Annotated[
     Path | None,
     typer.Option(
         "--prompt-file",
-        help="Read the prompt from a UTF-8 text file (for long prompts). Example: --prompt-file prompt.txt",
+        help="Read the prompt from a UTF-8 text file (for long prompts; - reads stdin). "
+        "Example: --prompt-file prompt.txt",
         show_default=False,
     ),
 ]
@@ -246,18 +250,25 @@ def caption_command(
     ray_workers: RayWorkersOpt = 1,
     ray_gpus_per_worker: RayGpusOpt = 0.0,
     ray_cpus_per_worker: RayCpusOpt = 1.0,
+    max_image_mb: MaxImageMbOpt = None,
 ) -> None:
     if prompt is not None and prompt_file is not None:
         raise UsageError("give --prompt or --prompt-file, not both")
     if prompt_file is not None:
-        try:
-            prompt = prompt_file.expanduser().read_text(encoding="utf-8").strip()
-        except FileNotFoundError as exc:
-            raise InputNotFoundError(f"prompt file not found: {prompt_file}", hint="check the path") from exc
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read prompt file {prompt_file}: {exc}", hint="give a UTF-8 text file") from exc
+        source = reading.STDIN if str(prompt_file) == reading.STDIN else prompt_file.expanduser()
+        if source == reading.STDIN and reading.STDIN in inputs:
+            raise UsageError("the prompt and the list of images cannot both come from stdin (-)")
+        prompt = reading.read_text(source, what="prompt file").strip()
         if not prompt:
-            raise UsageError(f"prompt file {prompt_file} is empty")
+            raise UsageError(f"prompt file {reading.display_name(prompt_file)} is empty")
+
+    def note(value: str, what: str) -> str:
+        return reading.repair_with_note(value, what, lambda m: stderr.print(f"note: {m}", markup=False))
+
+    prompt = note(prompt, "the prompt") if prompt is not None else None
+    prefix, suffix = note(prefix, "--prefix"), note(suffix, "--suffix")
+    system = note(system, "--system") if system is not None else None
+    max_image_bytes = reading.IMAGE.bytes(max_image_mb)
 
     console: Console = stderr
     progress = Progress(
@@ -333,6 +344,7 @@ def caption_command(
             prefix=prefix,
             suffix=suffix,
             shard=shard,
+            max_image_bytes=max_image_bytes,
             on_progress=on_progress,
             on_record=on_record,
             **extra,

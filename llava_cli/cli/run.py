@@ -11,6 +11,7 @@ from typing import Annotated, Any, TextIO
 
 import typer
 
+from llava_cli import reading
 from llava_cli.atomic import atomic_path
 from llava_cli.cli.options import (
     BitsOpt,
@@ -73,6 +74,16 @@ SeedOpt = Annotated[
     typer.Option("--seed", help="Random seed for sampling (default: random). Example: --seed 42", show_default=False),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's own log on stderr.")]
+MaxImageMbOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-image-mb",
+        min=0.001,
+        help=f"Refuse image files (and stdin) larger than this many MiB, before reading them (default "
+        f"{reading.IMAGE.default_mib:g}, or ${reading.IMAGE.env}). Example: --max-image-mb 400",
+        show_default=False,
+    ),
+]
 
 NOISE_NOTE = "{name} has random weights: its answers are noise (it only shows that the installation works)"
 
@@ -127,11 +138,12 @@ def _note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr, flush=True)
 
 
-def _load_images(paths: list[str] | None) -> list[LoadedImage]:
+def _load_images(paths: list[str] | None, max_image_mb: float | None = None) -> list[LoadedImage]:
     paths = paths or []
     if paths.count("-") > 1:
         raise UsageError("--image - (stdin) can be given only once")
-    images = [load_image(p) for p in paths]
+    max_bytes = reading.IMAGE.bytes(max_image_mb)
+    images = [load_image(p, max_bytes=max_bytes) for p in paths]
     for im in images:
         for n in im.notes:
             _note(n)
@@ -163,7 +175,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("run")
     def run_cmd(
-        prompt: Annotated[str, typer.Argument(help='The question. Example: "What is in this picture?"')],
+        prompt: Annotated[
+            str,
+            typer.Argument(help='The question, or - to read it from stdin. Example: "What is in this picture?"'),
+        ],
         image: ImageOpt = None,
         model: ModelOpt = None,
         mmproj: MmprojOpt = None,
@@ -180,6 +195,7 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
         verbose: VerboseOpt = False,
         quiet: QuietOpt = False,
+        max_image_mb: MaxImageMbOpt = None,
     ) -> None:
         """Ask one question about one or more images; the answer streams to stdout.
 
@@ -192,8 +208,16 @@ def register(app: typer.Typer) -> None:
           llava run --model llava-1.5-13b --image a.jpg --image b.jpg "What differs between the two?"
 
           llava run --model model.q4_k_m.gguf --mmproj mmproj-model.f16.gguf --image cat.jpg "Colour?" --json
+
+          llava run --image cat.jpg - < question.txt
         """
-        images = _load_images(image)
+        if prompt == reading.STDIN:
+            if "-" in (image or []):
+                raise UsageError("the prompt and an --image cannot both come from stdin (-)")
+            prompt = reading.read_text(reading.STDIN, what="prompt")
+        prompt = reading.repair_with_note(prompt, "the prompt", _note)
+        system = reading.repair_with_note(system, "--system", _note) if system is not None else None
+        images = _load_images(image, max_image_mb)
         engine, resolved = load_engine(
             model,
             mmproj=mmproj,
@@ -239,6 +263,7 @@ def register(app: typer.Typer) -> None:
         no_mmproj_offload: NoMmprojOffloadOpt = False,
         verbose: VerboseOpt = False,
         quiet: QuietOpt = False,
+        max_image_mb: MaxImageMbOpt = None,
     ) -> None:
         """Chat about images. Each turn only evaluates what is new; images are encoded once.
 
@@ -252,7 +277,8 @@ def register(app: typer.Typer) -> None:
 
           llava chat --model llava-1.5-13b --ctx 8192 --system "Answer briefly."
         """
-        images = _load_images(image)
+        system = reading.repair_with_note(system, "--system", _note) if system is not None else None
+        images = _load_images(image, max_image_mb)
         engine, resolved = load_engine(
             model,
             mmproj=mmproj,
@@ -273,6 +299,7 @@ def register(app: typer.Typer) -> None:
                 generate={"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
             )
             repl.attached.extend(images)
+            repl.max_image_bytes = reading.IMAGE.bytes(max_image_mb)
             repl.run(sys.stdin, sys.stdout)
 
 
@@ -297,15 +324,19 @@ class ChatRepl:
         self.engine = engine
         self.conversation: Conversation = engine.chat(system=system)
         self.attached: list[LoadedImage] = []
+        self.max_image_bytes: int | None = None  # /image's limit (None: reading.IMAGE's default)
         self.model_name = model_name
         self.quantization = quantization
         self.generate = generate or {}
 
     def _lines(self, stdin: TextIO, interactive: bool) -> Iterator[str]:
         if not interactive:
-            for line in stdin:
-                yield line.rstrip("\n")
+            # Bounded lines (an endless stream without newlines is refused at the prompt limit), bytes kept as
+            # surrogate escapes so that /image names survive; messages are repaired in run().
+            yield from reading.text_lines(stdin)
             return
+        with contextlib.suppress(AttributeError, ValueError):
+            stdin.reconfigure(errors="surrogateescape")  # type: ignore[attr-defined]  # a terminal's odd bytes
         history = None
         try:
             import readline  # line editing, and input history kept across sessions
@@ -342,7 +373,7 @@ class ChatRepl:
                 if not self.command(line, stdout):
                     return
                 continue
-            self.turn(line, stdout, interactive)
+            self.turn(reading.repair_with_note(line, "this message", _note), stdout, interactive)
 
     def command(self, line: str, stdout: TextIO) -> bool:
         """Run a /command; False means quit."""
@@ -361,7 +392,7 @@ class ChatRepl:
                 _error("usage: /image PATH")
                 return True
             try:
-                im = load_image(arg)
+                im = load_image(arg, max_bytes=self.max_image_bytes)
             except LlavaError as exc:
                 _error(exc.message, exc.hint)
                 return True
