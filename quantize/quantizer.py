@@ -30,7 +30,7 @@ from typing import Any
 
 import gguf
 
-from llava_cli import __version__, quants
+from llava_cli import __version__, quants, reading
 from llava_cli.atomic import atomic_path
 from llava_cli.errors import (
     CheckpointError,
@@ -143,7 +143,12 @@ def _model_name(path: Path) -> str:
 def find_mmproj(text: GGUFInfo) -> GGUFInfo:
     """The ``mmproj-*.gguf`` beside a text GGUF that belongs to it (same name preferred, float preferred)."""
     folder = text.path.parent
-    candidates = sorted(p for p in folder.glob("mmproj-*.gguf") if p.is_file())
+    found = sorted(folder.glob("mmproj-*.gguf"))
+    candidates = [p for p in found if p.is_file()]
+    if not candidates and found:  # a FIFO, device or folder with the right name: say what it is
+        reading.require_regular(
+            found[0], what="an mmproj file", error=ModelFileError, hint="replace it with the mmproj"
+        )
     if not candidates:
         raise InputNotFoundError(
             f"no mmproj-*.gguf beside {text.path}: a LLaVA text model needs its vision projector",

@@ -11,9 +11,16 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# What quantize/ may use from llava_cli: errors, atomic writes, GGUF header reading, the quantization types and
-# rules, and the package version. None of these imports quantize/.
-FOUNDATION = {"llava_cli", "llava_cli.errors", "llava_cli.atomic", "llava_cli.gguf_info", "llava_cli.quants"}
+# What quantize/ may use from llava_cli: errors, atomic writes, bounded reads, GGUF header reading, the
+# quantization types and rules, and the package version. None of these imports quantize/.
+FOUNDATION = {
+    "llava_cli",
+    "llava_cli.errors",
+    "llava_cli.atomic",
+    "llava_cli.gguf_info",
+    "llava_cli.quants",
+    "llava_cli.reading",
+}
 
 
 def _imports(path: Path) -> set[str]:

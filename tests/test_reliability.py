@@ -40,18 +40,7 @@ COMMANDS = {
 # tokenizer are not its business, so only the config cases apply to it.
 VRAM_CHECKPOINT_CASES = ("ckpt-config-not-json", "ckpt-config-missing")
 
-# Found by the #15 sweep in a file this suite does not own: quantize looks for its mmproj among the *regular* files
-# beside the model, so a device, FIFO or directory named mmproj-*.gguf there gets "no mmproj-*.gguf beside" instead
-# of what it is (quantize/quantizer.py; reading.require_regular says it in one call).
-_QUANTIZE_MMPROJ_BESIDE = pytest.mark.xfail(
-    strict=True, reason="quantize/quantizer.py skips a non-regular mmproj beside the model without saying what it is"
-)
-KNOWN = {(c, "quantize"): _QUANTIZE_MMPROJ_BESIDE for c in ("mmproj-dev-zero", "mmproj-fifo", "mmproj-directory")}
-# Also found by #15 outside this suite's files: `llava convert FILE` draws its progress bar before the checkpoint is
-# opened, so a refused input prints an empty "Converting 0/?" line above the error (llava_cli/cli/convert.py).
-_CONVERT_BAR_FIRST = pytest.mark.xfail(
-    strict=True, reason="llava_cli/cli/convert.py prints its progress bar before the input is validated"
-)
+KNOWN: dict[tuple[str, str], pytest.MarkDecorator] = {}  # (case, command) -> xfail mark, for known open bugs
 
 TABLE = [
     pytest.param(case.id, command, id=f"{case.id}-{command}", marks=KNOWN.get((case.id, command), ()))
@@ -449,12 +438,10 @@ SPECIAL: list[Any] = [
         lambda s, f, w: ["quantize", "/dev/zero", "--bits", "q8_0", "--out", str(w / "o")],
         r"/dev/zero is a character device",
     ),
-    pytest.param(
+    (
         "convert-dev-zero",
         lambda s, f, w: ["convert", "/dev/zero", "--out", str(w / "o")],
         r"/dev/zero is not a directory",
-        marks=_CONVERT_BAR_FIRST,
-        id="convert-dev-zero",
     ),
     (
         "run-mmproj-directory",

@@ -72,8 +72,10 @@ def register(app: typer.Typer) -> None:
         ] = "standard",
         quiet: QuietOpt = False,
     ) -> None:
+        from quantize.checkpoint import open_checkpoint
         from quantize.converter import convert
 
+        open_checkpoint(checkpoint)  # a bad input fails in one line before the progress bar is drawn
         with progress_bar("Converting", unit="bytes", quiet=quiet) as on_progress:
             result = convert(
                 checkpoint, out, outtype=outtype, name=name, on_progress=on_progress, vision_layout=vision_layout
