@@ -1039,8 +1039,8 @@ def caption(
         from llava_cli.captioning import caption
         summary = caption(["photos/"], model="llava-1.5-7b", recursive=True, out="captions.jsonl")
     """
-    from llava_cli.engine import Engine
     from llava_cli.resolve import resolve_model
+    from llava_cli.runtime import Engine
 
     note = on_note or (lambda message: print(f"note: {message}", file=sys.stderr))
     engines: list[Any] = []

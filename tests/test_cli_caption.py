@@ -83,7 +83,7 @@ def test_caption_folder_jsonl(tiny_pair_f16, tmp_path: Path, capsys: pytest.Capt
 
 
 def test_identical_images_are_encoded_once_and_model_loaded_once(tiny_pair_f16, tmp_path: Path) -> None:
-    from llava_cli.engine import Engine
+    from llava_cli.runtime import Engine
 
     imgs = make_images(tmp_path / "pics", 3)
     for i in range(3):
