@@ -69,9 +69,12 @@ class Conversation:
         top_k: int = 40,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        ignore_eos: bool = False,
         on_token: TokenCallback | None = None,
     ) -> Answer:
-        """Add a user turn (text + images), generate the answer, stream it through ``on_token``."""
+        """Add a user turn (text + images), generate the answer, stream it through ``on_token``. ``stop``: strings
+        that end the answer (not included); ``ignore_eos``: never sample end-of-generation (exactly ``max_tokens``
+        tokens, for benchmarks)."""
         eng = self.engine
         eng._live()
         t_start = time.perf_counter()
@@ -97,7 +100,7 @@ class Conversation:
             self.messages.pop()
             self._pieces.pop()
             raise overflow(needed, eng.n_ctx, n_images=len(loaded), n_image_tokens=eng.n_image_tokens, history=history)
-        sampling = Sampling(max_tokens, temperature, top_p, top_k, seed, tuple(s for s in stop if s))
+        sampling = Sampling(max_tokens, temperature, top_p, top_k, seed, tuple(s for s in stop if s), ignore_eos)
         answer = eng._run(
             pieces,
             sampling,

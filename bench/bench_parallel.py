@@ -1,0 +1,233 @@
+"""Decode throughput of the batched runtime, side by side with its anchors in the same run. Prints Markdown tables
+with ratios; no asserts.
+
+    nice -n 5 python bench/bench_parallel.py decode                 # (a) single sequence vs Llava15ChatHandler
+    nice -n 5 python bench/bench_parallel.py parallel --size bench  # (b) aggregate tok/s at parallel 1/2/4/8
+    nice -n 5 python bench/bench_parallel.py caption --size bench   # (c) caption --parallel vs sequential vs handler
+
+(a) Forced-length decode: both runtimes generate exactly ``--tokens`` tokens (end-of-sequence banned: ours through
+    llama.cpp's logit-bias sampler, the handler through ``logit_bias``), greedy, same text prompt, same files, same
+    threads. Rate = (tokens - 1) / (time of the last token - time of the first). Each runtime runs in its own child
+    process, alternating round by round (this VM drifts), best round kept.
+(b) ``--parallel`` P requests submitted at once to a `Runtime` with P slots, each forced to ``--tokens`` tokens;
+    aggregate = all generated tokens / wall time from submit to the last answer. Anchor: the same requests one at a
+    time (P = 1).
+(c) see `caption` below.
+
+Models: the random-weight checkpoints of bench/bench_runtime.py (``small`` ~170 M, ``bench`` ~1 B text parameters,
+CLIP ViT-L), built once under bench/out/runtime/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+PROMPT = "Write a long story about a cat who lives in a lighthouse and the ships it watches."
+PROMPTS = [
+    PROMPT,
+    "List every colour you can think of and say what each one reminds you of.",
+    "Explain how a bicycle works, part by part.",
+    "Describe a walk through a busy market on a rainy morning.",
+    "What would you pack for a week in the mountains, and why?",
+    "Tell me about the history of writing, from clay tablets to keyboards.",
+    "Describe the view from the top of a very tall tower at night.",
+    "Give instructions for making bread at home, step by step.",
+]
+
+
+# ------------------------------------------------------------------------------------------------ children
+
+
+def child_ours_decode(a: dict[str, Any]) -> dict[str, Any]:
+    from llava_cli.runtime import Engine
+
+    eng = Engine(a["text"], a["mmproj"], n_ctx=1024, n_threads=a["threads"], flash_attn=a.get("flash_attn"),
+                 on_note=lambda m: None)
+    eng.ask("Hi", max_tokens=4, temperature=0)  # warm-up: graph allocation
+    rates = []
+    for _ in range(a["reps"]):
+        eng.clear_kv()
+        ans = eng.ask(PROMPT, max_tokens=a["tokens"], temperature=0, ignore_eos=True)
+        assert ans.completion_tokens == a["tokens"], ans.completion_tokens
+        rates.append(ans.timings.decode_tokens_per_s)
+    eng.close()
+    return {"rate": max(rates), "rates": rates}
+
+
+def child_handler_decode(a: dict[str, Any]) -> dict[str, Any]:
+    import llama_cpp
+    from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+    handler = Llava15ChatHandler(clip_model_path=a["mmproj"], verbose=False)
+    llm = llama_cpp.Llama(model_path=a["text"], chat_handler=handler, n_ctx=1024, n_threads=a["threads"],
+                          verbose=False)
+    eos = llm.token_eos()
+    rates = []
+    for i in range(a["reps"] + 1):
+        stamps: list[float] = []
+
+        def stamp(_ids: Any, scores: Any) -> Any:
+            stamps.append(time.perf_counter())
+            return scores
+
+        n = 4 if i == 0 else a["tokens"]  # the first round is the warm-up
+        llm.create_chat_completion(
+            messages=[{"role": "user", "content": PROMPT if i else "Hi"}],
+            max_tokens=n,
+            temperature=0.0,
+            logit_bias={eos: float("-inf")},
+            logits_processor=llama_cpp.LogitsProcessorList([stamp]),
+        )
+        if i:
+            assert len(stamps) == n, len(stamps)
+            rates.append((n - 1) / (stamps[-1] - stamps[0]))
+    return {"rate": max(rates), "rates": rates}
+
+
+def child_parallel(a: dict[str, Any]) -> dict[str, Any]:
+    from llava_cli.runtime import Message, Runtime
+
+    p = a["parallel"]
+    rt = Runtime(a["text"], a["mmproj"], n_parallel=p, n_ctx=a["ctx"], n_threads=a["threads"],
+                 flash_attn=a.get("flash_attn"), on_note=lambda m: None)
+    rt.submit([Message("user", "Hi")], max_tokens=4, temperature=0).result()  # warm-up
+    n_req = a["requests"]
+    t0 = time.perf_counter()
+    jobs = [
+        rt.submit([Message("user", PROMPTS[i % len(PROMPTS)])], max_tokens=a["tokens"], temperature=0,
+                  ignore_eos=True)
+        for i in range(n_req)
+    ]
+    answers = [j.result() for j in jobs]
+    wall = time.perf_counter() - t0
+    out = {
+        "wall": wall,
+        "tokens": sum(x.completion_tokens for x in answers),
+        "steps": rt.stats.steps,
+        "kv_bytes_per_slot": rt.kv_bytes_per_slot,
+    }
+    rt.close()
+    return out
+
+
+CHILDREN = {"ours_decode": child_ours_decode, "handler_decode": child_handler_decode, "parallel": child_parallel}
+
+
+def spawn(kind: str, args: dict[str, Any]) -> dict[str, Any] | None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args["threads"])}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", kind, json.dumps(args)], capture_output=True, text=True, env=env,
+        timeout=7200,
+    )
+    if proc.returncode != 0:
+        print(f"  {kind} failed: {proc.stderr.strip().splitlines()[-3:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------ benches
+
+
+def files_for(size: str) -> dict[str, Path]:
+    import bench_runtime
+
+    return bench_runtime.prepare(size)
+
+
+def bench_decode(a: argparse.Namespace) -> str:
+    files = files_for(a.size)
+    rows = []
+    for label, key in (("F16", "text_f16"), ("Q4_K_M", "text_q4")):
+        common = {"text": str(files[key]), "mmproj": str(files["mmproj_f16"]), "threads": a.threads,
+                  "tokens": a.tokens, "reps": a.reps}
+        best: dict[str, float] = {"ours": 0.0, "handler": 0.0}
+        for r in range(a.rounds):
+            for kind in ("ours", "handler"):
+                res = spawn(f"{kind}_decode", common)
+                if res:
+                    best[kind] = max(best[kind], res["rate"])
+                print(f"  [{label} round {r + 1}] {kind}: {res and [round(x, 1) for x in res['rates']]}",
+                      file=sys.stderr, flush=True)
+        ratio = best["ours"] / best["handler"] if best["handler"] else float("nan")
+        rows.append(f"| {label} | {best['ours']:.1f} | {best['handler']:.1f} | **{ratio:.2f}×** |")
+    return (
+        f"\n### (a) single-sequence decode, {a.size} model, {a.threads} threads, {a.tokens} forced tokens, "
+        f"best of {a.rounds} rounds × {a.reps}\n\n| text model | ours tok/s | Llava15ChatHandler tok/s | ours / handler |"
+        "\n|---|---|---|---|\n" + "\n".join(rows)
+    )
+
+
+def bench_parallel(a: argparse.Namespace) -> str:
+    files = files_for(a.size)
+    key = "text_q4" if a.quant == "q4_k_m" else "text_f16"
+    common = {"text": str(files[key]), "mmproj": str(files["mmproj_f16"]), "threads": a.threads,
+              "tokens": a.tokens, "ctx": 512}
+    levels = [int(x) for x in a.levels.split(",")]
+    n_req = max(levels)
+    results: dict[int, dict[str, Any]] = {}
+    for r in range(a.rounds):
+        for p in levels:
+            res = spawn("parallel", {**common, "parallel": p, "requests": n_req})
+            if res is None:
+                continue
+            rate = res["tokens"] / res["wall"]
+            print(f"  [round {r + 1}] parallel {p}: {rate:.1f} tok/s", file=sys.stderr, flush=True)
+            if p not in results or rate > results[p]["rate"]:
+                results[p] = {**res, "rate": rate}
+    base = results.get(1, {}).get("rate")
+    lines = []
+    for p in levels:
+        if p not in results:
+            lines.append(f"| {p} | failed | | | |")
+            continue
+        res = results[p]
+        ratio = f"**{res['rate'] / base:.2f}×**" if base else "–"
+        lines.append(f"| {p} | {res['rate']:.1f} | {ratio} | {res['wall']:.1f} | {res['steps']} |")
+    kv = next(iter(results.values()))["kv_bytes_per_slot"] if results else 0
+    return (
+        f"\n### (b) aggregate decode, {a.size} model {a.quant.upper()}, {a.threads} threads, {n_req} requests × "
+        f"{a.tokens} forced tokens, best of {a.rounds}\n\n| parallel | tok/s | vs one at a time | wall s | steps |\n"
+        "|---|---|---|---|---|\n" + "\n".join(lines) + f"\n\nKV cache per slot (ctx {common['ctx']}): "
+        f"{kv / 2**20:.1f} MiB ({kv // common['ctx']} bytes per position)"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", nargs="?", choices=["decode", "parallel", "caption"], default="decode")
+    ap.add_argument("--size", default="small", help="small (~170 M) or bench (~1 B)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=128, help="forced tokens per answer")
+    ap.add_argument("--reps", type=int, default=3, help="answers per child process (decode)")
+    ap.add_argument("--rounds", type=int, default=2, help="child processes per runtime, alternating")
+    ap.add_argument("--levels", default="1,2,4,8", help="parallel levels (parallel)")
+    ap.add_argument("--quant", default="f16", choices=["f16", "q4_k_m"])
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        kind, args = a.child
+        print(json.dumps(CHILDREN[kind](json.loads(args))))
+        return
+    if a.what == "decode":
+        print(bench_decode(a))
+    elif a.what == "parallel":
+        print(bench_parallel(a))
+    else:
+        from bench_caption_parallel import bench_caption  # type: ignore[import-not-found]
+
+        print(bench_caption(a))
+
+
+if __name__ == "__main__":
+    main()
