@@ -52,8 +52,14 @@ PROMPTS = [
 def child_ours_decode(a: dict[str, Any]) -> dict[str, Any]:
     from llava_cli.runtime import Engine
 
-    eng = Engine(a["text"], a["mmproj"], n_ctx=1024, n_threads=a["threads"], flash_attn=a.get("flash_attn"),
-                 on_note=lambda m: None)
+    eng = Engine(
+        a["text"],
+        a["mmproj"],
+        n_ctx=1024,
+        n_threads=a["threads"],
+        flash_attn=a.get("flash_attn"),
+        on_note=lambda m: None,
+    )
     eng.ask("Hi", max_tokens=4, temperature=0)  # warm-up: graph allocation
     rates = []
     for _ in range(a["reps"]):
@@ -70,8 +76,7 @@ def child_handler_decode(a: dict[str, Any]) -> dict[str, Any]:
     from llama_cpp.llama_chat_format import Llava15ChatHandler
 
     handler = Llava15ChatHandler(clip_model_path=a["mmproj"], verbose=False)
-    llm = llama_cpp.Llama(model_path=a["text"], chat_handler=handler, n_ctx=1024, n_threads=a["threads"],
-                          verbose=False)
+    llm = llama_cpp.Llama(model_path=a["text"], chat_handler=handler, n_ctx=1024, n_threads=a["threads"], verbose=False)
     eos = llm.token_eos()
     rates = []
     for i in range(a["reps"] + 1):
@@ -99,14 +104,20 @@ def child_parallel(a: dict[str, Any]) -> dict[str, Any]:
     from llava_cli.runtime import Message, Runtime
 
     p = a["parallel"]
-    rt = Runtime(a["text"], a["mmproj"], n_parallel=p, n_ctx=a["ctx"], n_threads=a["threads"],
-                 flash_attn=a.get("flash_attn"), on_note=lambda m: None)
+    rt = Runtime(
+        a["text"],
+        a["mmproj"],
+        n_parallel=p,
+        n_ctx=a["ctx"],
+        n_threads=a["threads"],
+        flash_attn=a.get("flash_attn"),
+        on_note=lambda m: None,
+    )
     rt.submit([Message("user", "Hi")], max_tokens=4, temperature=0).result()  # warm-up
     n_req = a["requests"]
     t0 = time.perf_counter()
     jobs = [
-        rt.submit([Message("user", PROMPTS[i % len(PROMPTS)])], max_tokens=a["tokens"], temperature=0,
-                  ignore_eos=True)
+        rt.submit([Message("user", PROMPTS[i % len(PROMPTS)])], max_tokens=a["tokens"], temperature=0, ignore_eos=True)
         for i in range(n_req)
     ]
     answers = [j.result() for j in jobs]
@@ -127,7 +138,10 @@ CHILDREN = {"ours_decode": child_ours_decode, "handler_decode": child_handler_de
 def spawn(kind: str, args: dict[str, Any]) -> dict[str, Any] | None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args["threads"])}
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", kind, json.dumps(args)], capture_output=True, text=True, env=env,
+        [sys.executable, __file__, "--child", kind, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        env=env,
         timeout=7200,
     )
     if proc.returncode != 0:
@@ -149,16 +163,24 @@ def bench_decode(a: argparse.Namespace) -> str:
     files = files_for(a.size)
     rows = []
     for label, key in (("F16", "text_f16"), ("Q4_K_M", "text_q4")):
-        common = {"text": str(files[key]), "mmproj": str(files["mmproj_f16"]), "threads": a.threads,
-                  "tokens": a.tokens, "reps": a.reps}
+        common = {
+            "text": str(files[key]),
+            "mmproj": str(files["mmproj_f16"]),
+            "threads": a.threads,
+            "tokens": a.tokens,
+            "reps": a.reps,
+        }
         best: dict[str, float] = {"ours": 0.0, "handler": 0.0}
         for r in range(a.rounds):
             for kind in ("ours", "handler"):
                 res = spawn(f"{kind}_decode", common)
                 if res:
                     best[kind] = max(best[kind], res["rate"])
-                print(f"  [{label} round {r + 1}] {kind}: {res and [round(x, 1) for x in res['rates']]}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  [{label} round {r + 1}] {kind}: {res and [round(x, 1) for x in res['rates']]}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         ratio = best["ours"] / best["handler"] if best["handler"] else float("nan")
         rows.append(f"| {label} | {best['ours']:.1f} | {best['handler']:.1f} | **{ratio:.2f}×** |")
     return (
@@ -171,8 +193,13 @@ def bench_decode(a: argparse.Namespace) -> str:
 def bench_parallel(a: argparse.Namespace) -> str:
     files = files_for(a.size)
     key = "text_q4" if a.quant == "q4_k_m" else "text_f16"
-    common = {"text": str(files[key]), "mmproj": str(files["mmproj_f16"]), "threads": a.threads,
-              "tokens": a.tokens, "ctx": 512}
+    common = {
+        "text": str(files[key]),
+        "mmproj": str(files["mmproj_f16"]),
+        "threads": a.threads,
+        "tokens": a.tokens,
+        "ctx": 512,
+    }
     levels = [int(x) for x in a.levels.split(",")]
     n_req = max(levels)
     results: dict[int, dict[str, Any]] = {}

@@ -364,13 +364,13 @@ def test_progress_and_records_callbacks(tmp_path: Path) -> None:
 def test_images_are_decoded_ahead_in_a_background_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_images(tmp_path / "pics", 6)
     decoded: list[tuple[str, str]] = []
-    real_load = cap.load_image
+    real_load = cap.batch.load_image
 
     def spy(path, **kw):
         decoded.append((Path(path).name, threading.current_thread().name))
         return real_load(path, **kw)
 
-    monkeypatch.setattr(cap, "load_image", spy)
+    monkeypatch.setattr(cap.batch, "load_image", spy)
     ahead_when_first_called: list[int] = []
 
     def on_call(n: int) -> None:
