@@ -145,12 +145,14 @@ def caption(
     system: str | None = None,
     verbose: bool = False,
     on_note: Callable[[str], None] | None = None,
+    on_parallel: Callable[[int], None] | None = None,
     **batch: Any,
 ) -> CaptionSummary:
     """`caption_batch` with the real model: resolve ``model`` (catalog id, checkpoint dir or .gguf + ``mmproj``) and
     load it once, only if some image still needs a caption. ``parallel``: images in flight at once (sequence slots
     of a `Runtime`, each with ``ctx`` positions; default `DEFAULT_PARALLEL`); 1 = one after another on an
-    `Engine`. Keyword arguments are `llava caption`'s flags.
+    `Engine`; ``on_parallel(n)`` is told the level once the model is loaded. Keyword arguments are `llava caption`'s
+    flags.
 
     Example::
 
@@ -179,8 +181,8 @@ def caption(
             verbose=verbose,
         )
         loaded.append(model_obj)
-        how = "one image at a time" if parallel == 1 else f"{parallel} images at a time"
-        note(f"captioning {how} (--parallel {parallel})")
+        if on_parallel is not None:
+            on_parallel(parallel)
         kind = RuntimeCaptioner if parallel > 1 else EngineCaptioner
         return kind(
             model_obj,

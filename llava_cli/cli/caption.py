@@ -265,6 +265,11 @@ def caption_command(
     def on_note(message: str) -> None:
         console.print(f"note: {message}", markup=False, highlight=False)
 
+    def on_parallel(n: int) -> None:
+        if not quiet:
+            how = "one image at a time" if n == 1 else f"{n} images at a time"
+            console.print(f"note: captioning {how} (--parallel {n})", markup=False, highlight=False)
+
     t0 = time.monotonic()
     try:
         summary = captioning.caption(
@@ -284,6 +289,7 @@ def caption_command(
             system=system,
             verbose=verbose,
             on_note=on_note,
+            on_parallel=on_parallel,
             out=out,
             sidecar=sidecar,
             format=format,
