@@ -94,9 +94,12 @@ def test_cancel_frees_the_slot(tiny_pair_f32, images: list[LoadedImage]) -> None
     with Runtime(tiny_pair_f32.text_path, tiny_pair_f32.mmproj_path, n_parallel=1, n_ctx=1024, n_threads=2) as rt:
         long = rt.submit(_ask("Go on forever."), temperature=0, max_tokens=900, ignore_eos=True)
         waiting = rt.submit(_ask("What is this?", images[1]), **GREEDY)
+        dropped = rt.submit(_ask("Never mind."), **GREEDY)
         it = iter(long)
         next(it)
         assert not waiting.done  # one slot: the second job queues behind the first
+        dropped.cancel()  # cancelled while queued: done at once, not when the slot frees
+        assert dropped.result(timeout=30).finish_reason == "cancelled" and not long.done
         long.cancel()
         a = long.result(timeout=60)
         assert a.finish_reason == "cancelled" and a.completion_tokens < 900

@@ -30,7 +30,7 @@ from llava_cli.runtime.llamacpp import GpuLayers
 from llava_cli.runtime.messages import Answer, EngineStats, Message, Timings
 from llava_cli.runtime.pair import ModelPair
 from llava_cli.runtime.prompt import ImagePiece, Piece
-from llava_cli.runtime.scheduler import Sampling, Sequence_
+from llava_cli.runtime.scheduler import Request, Sampling
 
 ImageInput = str | os.PathLike[str] | bytes | LoadedImage
 TokenCallback = Callable[[str], None]
@@ -199,7 +199,7 @@ class Engine:
                 timings.encode += secs
                 encoded += was_encoded
                 cached += not was_encoded
-        seq = Sequence_(pieces, embeddings, sampling, t_start=t_start, timings=timings, on_text=on_token)
+        seq = Request(pieces, embeddings, sampling, t_start=t_start, timings=timings, on_text=on_token)
         seq.images_encoded, seq.images_cached, seq.notes = encoded, cached, notes
         sched = p.scheduler
         sched.add(seq)

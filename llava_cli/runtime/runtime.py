@@ -24,7 +24,7 @@ from llava_cli.runtime.llamacpp import GpuLayers
 from llava_cli.runtime.messages import Answer, Message, Timings
 from llava_cli.runtime.pair import ModelPair
 from llava_cli.runtime.prompt import ImagePiece, build_pieces, n_positions, overflow
-from llava_cli.runtime.scheduler import Sampling, SchedulerStats, Sequence_
+from llava_cli.runtime.scheduler import Request, Sampling, SchedulerStats
 
 _END = object()
 
@@ -32,7 +32,7 @@ _END = object()
 class Job:
     """A submitted request. Iterate for the text pieces as they are generated; ``result()`` for the `Answer`."""
 
-    def __init__(self, runtime: Runtime, seq: Sequence_) -> None:
+    def __init__(self, runtime: Runtime, seq: Request) -> None:
         self._runtime = runtime
         self._seq = seq
         self._pieces: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -41,7 +41,7 @@ class Job:
     def _on_text(self, piece: str) -> None:
         self._pieces.put(piece)
 
-    def _on_done(self, seq: Sequence_) -> None:
+    def _on_done(self, seq: Request) -> None:
         self._done.set()
         self._pieces.put(_END)
 
@@ -129,8 +129,8 @@ class Runtime:
         self.kv_bytes_per_slot = p.kv_bytes_per_slot
         self._sched = p.scheduler
         self._lock = threading.Condition()
-        self._ready: list[Sequence_] = []  # encoded, waiting to enter the scheduler (moved under the lock)
-        self._to_encode: queue.SimpleQueue[Sequence_ | None] = queue.SimpleQueue()
+        self._ready: list[Request] = []  # encoded, waiting to enter the scheduler (moved under the lock)
+        self._to_encode: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._closing = False
         self._stopping = False
         self._error: BaseException | None = None
@@ -168,7 +168,7 @@ class Runtime:
             n_img = sum(1 for p in pieces if isinstance(p, ImagePiece))
             raise overflow(needed, self.n_ctx, n_images=n_img, n_image_tokens=self.n_image_tokens)
         sampling = Sampling(max_tokens, temperature, top_p, top_k, seed, tuple(s for s in stop if s), ignore_eos)
-        seq = Sequence_(pieces, {}, sampling, t_start=t_start, timings=Timings())
+        seq = Request(pieces, {}, sampling, t_start=t_start, timings=Timings())
         for m in messages:
             for im in m.images:
                 seq.notes.extend(im.notes)
@@ -237,7 +237,7 @@ class Runtime:
                 continue
             self._hand_over(seq)
 
-    def _hand_over(self, seq: Sequence_, *, cancelled: bool = False) -> None:
+    def _hand_over(self, seq: Request, *, cancelled: bool = False) -> None:
         """To the scheduler thread (a cancelled request is finished there too, so every job ends one way)."""
         with self._lock:
             seq.cancelled = seq.cancelled or cancelled

@@ -57,7 +57,7 @@ class _Segment:
         return len(self.tokens) if self.tokens is not None else len(self.embd)  # type: ignore[arg-type]
 
 
-class Sequence_:
+class Request:
     """One request in flight: its prompt, sampler, generated tokens and text, and where it stands."""
 
     _ids = itertools.count()
@@ -71,7 +71,7 @@ class Sequence_:
         t_start: float,
         timings: Timings | None = None,
         on_text: Callable[[str], None] | None = None,
-        on_done: Callable[[Sequence_], None] | None = None,
+        on_done: Callable[[Request], None] | None = None,
     ) -> None:
         self.id = next(self._ids)
         self.pieces = list(pieces)
@@ -172,7 +172,7 @@ class Sequence_:
 class _Slot:
     id: int
     content: list[int] = field(default_factory=list)  # position keys of what the KV cache holds for this sequence
-    seq: Sequence_ | None = None
+    seq: Request | None = None
     last_used: int = 0
 
     def keys(self) -> np.ndarray:
@@ -208,7 +208,7 @@ class Scheduler:
         self.n_batch = n_batch
         self.prefill_chunk = max(1, min(prefill_chunk, n_batch))
         self.slots = [_Slot(i) for i in range(n_seq)]
-        self.waiting: deque[Sequence_] = deque()
+        self.waiting: deque[Request] = deque()
         self.stats = SchedulerStats()
         self._tok = Batch(n_batch)
         self._embd: Batch | None = None  # allocated with the first image
@@ -216,12 +216,12 @@ class Scheduler:
 
     # -- queue
 
-    def add(self, seq: Sequence_) -> None:
+    def add(self, seq: Request) -> None:
         seq.t_ready = time.perf_counter()
         self.waiting.append(seq)
 
     @property
-    def active(self) -> list[Sequence_]:
+    def active(self) -> list[Request]:
         return [s.seq for s in self.slots if s.seq is not None]
 
     def has_work(self) -> bool:
@@ -247,7 +247,7 @@ class Scheduler:
 
         tb = self._tok
         tb.clear()
-        rows: list[tuple[Sequence_, int]] = []
+        rows: list[tuple[Request, int]] = []
         for s in gen:
             assert s.slot is not None and s.pending is not None
             idx = tb.add_tokens(s.slot.id, [s.pending], s.n_past, True)
@@ -256,7 +256,7 @@ class Scheduler:
             s.n_past += 1
             s.pending = None
         n_gen = len(rows)
-        prefilled: list[Sequence_] = []
+        prefilled: list[Request] = []
         n_text = 0
         for s in pre:
             while budget > 0 and s.segments and s.segments[0].tokens is not None:
@@ -275,7 +275,7 @@ class Scheduler:
             self._sample(rows)
 
         n_embd = 0
-        embd_rows: list[tuple[Sequence_, int]] = []
+        embd_rows: list[tuple[Request, int]] = []
         if budget > 0 and any(s.segments and s.segments[0].embd is not None for s in pre):
             eb = self._embd_batch()
             eb.clear()
@@ -311,13 +311,13 @@ class Scheduler:
             st.step_log.append((n_gen, n_text, n_embd))
         return True
 
-    def _take(self, s: Sequence_, budget: int) -> tuple[int, bool]:
+    def _take(self, s: Request, budget: int) -> tuple[int, bool]:
         seg = s.segments[0]
         take = min(budget, len(seg) - s.offset)
         last = len(s.segments) == 1 and s.offset + take == len(seg)
         return take, last
 
-    def _advance(self, s: Sequence_, take: int) -> None:
+    def _advance(self, s: Request, take: int) -> None:
         assert s.slot is not None
         s.slot.content.extend(s.keys[s.n_past : s.n_past + take].tolist())
         s.n_past += take
@@ -331,7 +331,7 @@ class Scheduler:
             self._embd = Batch(self.n_batch, self.model.n_embd_inp)
         return self._embd
 
-    def _decode(self, batch: Batch, involved: list[Sequence_]) -> None:
+    def _decode(self, batch: Batch, involved: list[Request]) -> None:
         self.stats.decode_calls += 1
         try:
             self.model.decode(batch.view())
@@ -341,7 +341,7 @@ class Scheduler:
                 if not s.done:
                     self._fail(s, exc)
 
-    def _sample(self, rows: list[tuple[Sequence_, int]]) -> None:
+    def _sample(self, rows: list[tuple[Request, int]]) -> None:
         for s, idx in rows:
             if s.done:
                 continue
@@ -351,7 +351,7 @@ class Scheduler:
                 s.timings.ttft = s.t_first - s.t_start
             self._on_token(s, tok)
 
-    def _on_token(self, s: Sequence_, tok: int) -> None:
+    def _on_token(self, s: Request, tok: int) -> None:
         sp = s.sampling
         if self.model.is_eog(tok) and not sp.ignore_eos:
             self._finish(s, "stop")
@@ -380,7 +380,7 @@ class Scheduler:
                 continue
             self._place(seq, free)
 
-    def _place(self, seq: Sequence_, free: list[_Slot]) -> None:
+    def _place(self, seq: Request, free: list[_Slot]) -> None:
         """Put `seq` in a free slot, reusing the longest prefix of its prompt that some slot holds in its KV.
 
         A free slot's cells are taken as they are (only the part after the common prefix is removed). A prefix held
@@ -427,7 +427,7 @@ class Scheduler:
         ban = tuple(t for t in (model.eos_id,) if sp.ignore_eos)
         seq.sampler = model.sampler(sp.temperature, sp.top_p, sp.top_k, sp.seed, ban)
 
-    def _segments_from(self, seq: Sequence_, start: int) -> list[_Segment]:
+    def _segments_from(self, seq: Request, start: int) -> list[_Segment]:
         out: list[_Segment] = []
         pos = 0
         for p in seq.pieces:
@@ -447,8 +447,10 @@ class Scheduler:
         for slot in self.slots:
             if slot.seq is not None and slot.seq.cancelled:
                 self._finish(slot.seq, "cancelled")
+        for seq in [s for s in self.waiting if s.cancelled]:  # not admitted yet: done at once, not when a slot frees
+            self._finish(seq, "cancelled")
 
-    def _release(self, s: Sequence_, keep_kv: bool) -> None:
+    def _release(self, s: Request, keep_kv: bool) -> None:
         if s.sampler is not None:
             self.model.free_sampler(s.sampler)
             s.sampler = None
@@ -462,7 +464,7 @@ class Scheduler:
         if s in self.waiting:
             self.waiting.remove(s)
 
-    def _finish(self, s: Sequence_, reason: FinishReason) -> None:
+    def _finish(self, s: Request, reason: FinishReason) -> None:
         s.finish = reason
         s.pending = None
         self._release(s, keep_kv=reason != "cancelled")
@@ -489,14 +491,14 @@ class Scheduler:
         if s.on_done:
             s.on_done(s)
 
-    def _fail(self, s: Sequence_, exc: BaseException) -> None:
+    def _fail(self, s: Request, exc: BaseException) -> None:
         s.error = exc
         s.pending = None
         self._release(s, keep_kv=False)
         if s.on_done:
             s.on_done(s)
 
-    def abort(self, s: Sequence_, exc: BaseException) -> None:
+    def abort(self, s: Request, exc: BaseException) -> None:
         """End `s` from outside a step (an interrupt in the caller): its KV cells are freed."""
         if not s.done:
             self._fail(s, exc)
