@@ -117,8 +117,8 @@ def paired_per_image(paths: list[Path], text: Path, mmproj: Path, max_tokens: in
     from llama_cpp.llama_chat_format import Llava15ChatHandler
 
     from llava_cli.captioning import EngineCaptioner
-    from llava_cli.engine import Engine
     from llava_cli.images import load_image
+    from llava_cli.runtime import Engine
 
     engine = Engine(text, mmproj, n_ctx=2048, n_threads=threads, on_note=lambda m: None)
     ours = EngineCaptioner(engine, model_name="bench", quantization="f16", max_tokens=max_tokens, temperature=0.0)

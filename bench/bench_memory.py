@@ -78,7 +78,7 @@ def child(text: str, mmproj: str, n_ctx: int, flash_attn: str, max_tokens: int =
     import numpy as np
     from PIL import Image
 
-    from llava_cli.engine import Engine
+    from llava_cli.runtime import Engine
 
     baseline = _rss_status()["VmRSS"]
     fa = None if flash_attn == "auto" else flash_attn == "on"

@@ -123,7 +123,7 @@ def n_params(files: dict[str, Path]) -> tuple[float, float]:
 
 
 def child_ours(a: dict[str, Any]) -> dict[str, Any]:
-    from llava_cli.engine import Engine
+    from llava_cli.runtime import Engine
 
     t0 = time.perf_counter()
     eng = Engine(

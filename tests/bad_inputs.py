@@ -105,7 +105,7 @@ PRELOAD = [
     "tests.bad_inputs",
     "llama_cpp",
     "llama_cpp.mtmd_cpp",
-    "llava_cli.engine",
+    "llava_cli.runtime",
     "llava_cli.resolve",
     "llava_cli.memory",
     "quantize.quantizer",
@@ -722,9 +722,9 @@ def _engine_child(text: str, mmproj: str, image: str, result: str) -> None:
     """
     import json
 
-    from llava_cli.engine import Engine
     from llava_cli.errors import LlavaError
     from llava_cli.images import load_image
+    from llava_cli.runtime import Engine
 
     fd = os.open(result + ".stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 2)  # llama.cpp's own log, in case it aborts

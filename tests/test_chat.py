@@ -14,8 +14,8 @@ from PIL import Image
 
 from llava_cli.cli.app import main
 from llava_cli.cli.run import ChatRepl
-from llava_cli.engine import Engine
 from llava_cli.images import load_image
+from llava_cli.runtime import Engine
 from tests.model_fixtures import test_image
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -83,7 +83,7 @@ def test_caption_folder_jsonl(tiny_pair_f16, tmp_path: Path, capsys: pytest.Capt
 
 
 def test_identical_images_are_encoded_once_and_model_loaded_once(tiny_pair_f16, tmp_path: Path) -> None:
-    from llava_cli.engine import Engine
+    from llava_cli.runtime import Engine
 
     imgs = make_images(tmp_path / "pics", 3)
     for i in range(3):
@@ -225,3 +225,49 @@ def test_second_process_on_the_same_output_refuses(
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_parallel_equals_sequential_in_input_order(
+    tiny_pair_f32, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """--parallel 3 over 7 images (one unreadable, two with the same bytes): the same records as --parallel 1, in
+    input order, the failure included; the chosen level is printed."""
+    pics = make_images(tmp_path / "pics", 6)
+    (tmp_path / "pics" / "img003b.png").write_bytes(b"not an image")
+    (tmp_path / "pics" / "img005.png").write_bytes(pics[1].read_bytes())
+    outs = {}
+    for level in ("1", "3"):
+        out = tmp_path / f"p{level}.jsonl"
+        code = main(
+            [
+                "caption",
+                str(tmp_path / "pics"),
+                "--out",
+                str(out),
+                "-n",
+                "6",
+                "--parallel",
+                level,
+                *model_args(tiny_pair_f32),
+            ]
+        )
+        assert code == cap.EXIT_SOME_FAILED
+        assert f"(--parallel {level})" in capsys.readouterr().err
+        outs[level] = records(out)
+    names = [Path(r["path"]).name for r in outs["3"]]
+    assert names == sorted(names) and len(names) == 7
+    assert [(r["caption"], r["tokens"], r["error"] is None) for r in outs["3"]] == [
+        (r["caption"], r["tokens"], r["error"] is None) for r in outs["1"]
+    ]
+    assert sum(r["error"] is not None for r in outs["3"]) == 1
+
+
+def test_parallel_default_is_printed(tiny_pair_f16, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    make_images(tmp_path / "pics", 2)
+    code = main(
+        ["caption", str(tmp_path / "pics"), "--out", str(tmp_path / "c.jsonl"), "-n", "2", *model_args(tiny_pair_f16)]
+    )
+    assert code == 0
+    assert f"captioning {cap.DEFAULT_PARALLEL} images at a time (--parallel {cap.DEFAULT_PARALLEL})" in (
+        capsys.readouterr().err
+    )

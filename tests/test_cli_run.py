@@ -89,11 +89,11 @@ def test_gpu_layers_on_cpu_build_warns(
 ) -> None:
     import llama_cpp
 
-    from llava_cli import engine
+    from llava_cli.runtime import llamacpp
 
     if llama_cpp.llama_supports_gpu_offload():
         pytest.skip("GPU build")
-    monkeypatch.setattr(engine, "_warned_gpu", False)
+    monkeypatch.setattr(llamacpp, "_warned_gpu", False)
     code = main(["run", *pair_args, "-i", str(picture), "--n-gpu-layers", "all", "-n", "2", "Hi"])
     _, err = capsys.readouterr()
     assert code == 0

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_cli import engine as engine_mod
-from llava_cli.engine import Engine, Message
 from llava_cli.errors import ContextOverflowError, InputNotFoundError, ModelFileError, UsageError
 from llava_cli.images import load_image
+from llava_cli.runtime import Engine, Message, llamacpp
 from tests.model_fixtures import test_image
 
 
@@ -63,6 +62,7 @@ def test_kv_reuse_equals_full_evaluation(engine: Engine, pictures: list[Path]) -
     assert answers[2].prompt_tokens < 40 and answers[2].images_encoded == 0
     for n in range(1, 3):
         fresh = engine.chat(system="Be brief.", history=chat.messages[: 2 * n])
+        engine.clear_kv()
         replay = fresh.ask(chat.messages[2 * n].text, chat.messages[2 * n].images, **GREEDY)
         assert replay.cached_tokens == 0  # everything evaluated in one go
         assert replay.tokens == answers[n].tokens, f"turn {n + 1} differs after a full re-evaluation"
@@ -72,8 +72,8 @@ def test_conversations_take_turns_on_one_kv_cache(engine: Engine, pictures: list
     a, b = engine.chat(), engine.chat()
     a1 = a.ask("What is this?", [pictures[0]], **GREEDY)
     b.ask("Describe it.", [pictures[1]], **GREEDY)
-    a2 = a.ask("More detail?", **GREEDY)  # a lost the KV cache to b: it replays
-    assert a2.cached_tokens == 0 and a2.prompt_tokens > 576
+    a2 = a.ask("More detail?", **GREEDY)  # a lost the KV cache to b: it replays all but the common "USER:" prefix
+    assert a2.cached_tokens == len(engine.tokenizer.text("USER: ", start=True)) and a2.prompt_tokens > 576
     solo = engine.chat()
     solo.ask("What is this?", [pictures[0]], **GREEDY)
     assert solo.ask("More detail?", **GREEDY).tokens == a2.tokens
@@ -103,14 +103,15 @@ def test_image_cache_is_bounded(tiny_pair_f32, tmp_path: Path) -> None:  # type:
     with Engine(tiny_pair_f32.text_path, tiny_pair_f32.mmproj_path, n_ctx=2048, image_cache_mb=0) as eng:
         for i in range(3):
             eng.ask("?", [_png(tmp_path / f"{i}.png", seed=20 + i)], max_tokens=1)
-        assert len(eng._cache) == 1  # only the most recent survives a zero budget
+        assert eng.image_cache_size == 1  # only the most recent survives a zero budget
 
 
 def test_context_overflow_has_the_numbers(tiny_pair_f32, pictures: list[Path]) -> None:  # type: ignore[no-untyped-def]
-    with Engine(tiny_pair_f32.text_path, tiny_pair_f32.mmproj_path, n_ctx=620) as eng:
+    with Engine(tiny_pair_f32.text_path, tiny_pair_f32.mmproj_path, n_ctx=660) as eng:
         chat = eng.chat()
         chat.ask("What is this?", [pictures[0]], max_tokens=4, temperature=0)
-        # llama.cpp rounds the context up to a multiple of 256; the message gives the real size.
+        # The context is exactly --ctx positions (llama.cpp's padding to 256 cells is not handed out).
+        assert eng.n_ctx == 660
         pattern = (
             rf"needs \d+ tokens \(1 image\(s\) × 576 tokens\), \d+ of them from the conversation.*holds {eng.n_ctx}"
         )
@@ -119,18 +120,25 @@ def test_context_overflow_has_the_numbers(tiny_pair_f32, pictures: list[Path]) -
         # The conversation survives: a short text turn still fits, and after clear() a new image does.
         chat.ask("Colour?", max_tokens=2, temperature=0)
         chat.clear()
-        assert chat.ask("And this?", [pictures[1]], max_tokens=2, temperature=0).cached_tokens == 0
+        user_prefix = len(eng.tokenizer.text("USER: ", start=True))  # all a new picture has in common with the old
+        assert chat.ask("And this?", [pictures[1]], max_tokens=2, temperature=0).cached_tokens == user_prefix
         with pytest.raises(ContextOverflowError, match=r"needs \d+ tokens \(2 image\(s\) × 576 tokens\) but") as exc:
             eng.ask("Two?", [pictures[0], pictures[1]], max_tokens=2)
         assert exc.value.hint is not None and "raise --ctx" in exc.value.hint
 
 
 def test_generation_stops_at_the_context_end(tiny_pair_f32, pictures: list[Path]) -> None:  # type: ignore[no-untyped-def]
-    with Engine(tiny_pair_f32.text_path, tiny_pair_f32.mmproj_path, n_ctx=600) as eng:
+    """The context is exactly n_ctx positions: the answer runs into its end and says so."""
+    with Engine(tiny_pair_f32.text_path, tiny_pair_f32.mmproj_path, n_ctx=2048) as eng:
+        probe = eng.ask("What is this?", [pictures[0]], max_tokens=6, temperature=0)
+    assert probe.finish_reason == "length"  # six tokens without an end of sequence: room for five is enough
+    n_prompt = probe.prompt_tokens
+    with Engine(tiny_pair_f32.text_path, tiny_pair_f32.mmproj_path, n_ctx=n_prompt + 4) as eng:
         a = eng.ask("What is this?", [pictures[0]], max_tokens=500, temperature=0)
-        if a.finish_reason != "stop":
-            assert a.finish_reason == "context"
-            assert a.prompt_tokens + a.completion_tokens <= 601
+    assert a.finish_reason == "context"
+    # n_prompt + 4 positions hold the prompt and four generated tokens; a fifth is sampled and never decoded.
+    assert a.completion_tokens == 5 and a.tokens == probe.tokens[:5]
+    assert a.prompt_tokens + a.completion_tokens == n_prompt + 4 + 1
 
 
 def test_streaming_pieces_make_the_answer(engine: Engine, pictures: list[Path]) -> None:
@@ -154,7 +162,8 @@ def test_history_as_text_replays(engine: Engine, pictures: list[Path]) -> None:
     im = load_image(pictures[0])
     chat = engine.chat(history=[Message("user", "What is this?", [im]), Message("assistant", "A red square.")])
     a = chat.ask("Why?", **GREEDY)
-    assert a.cached_tokens == 0 and a.images_encoded + a.images_cached == 1
+    assert a.prompt_tokens + a.cached_tokens > 576 and a.images_encoded + a.images_cached == 1
+    assert chat.messages[1].tokens == engine.tokenizer.text(" A red square.", start=False)
     with pytest.raises(UsageError):
         engine.chat(history=[Message("assistant", "hi")])
 
@@ -164,12 +173,14 @@ def test_gpu_request_on_cpu_build_warns_once(tiny_pair_f32, monkeypatch: pytest.
 
     if llama_cpp.llama_supports_gpu_offload():
         pytest.skip("this llama-cpp-python has GPU support")
-    monkeypatch.setattr(engine_mod, "_warned_gpu", False)
+    monkeypatch.setattr(llamacpp, "_warned_gpu", False)
     notes: list[str] = []
     kw = {"n_ctx": 1024, "on_note": notes.append}
     with Engine(tiny_pair_f32.text_path, tiny_pair_f32.mmproj_path, n_gpu_layers="all", **kw) as eng:
         assert eng.n_gpu_layers == 0 and not eng.mmproj_offload
-        assert eng.ask("Hi", max_tokens=2).completion_tokens >= 0
+        a = eng.ask("Hi", max_tokens=2, temperature=0)
+        assert a.finish_reason in ("stop", "length") and a.completion_tokens == len(a.tokens) <= 2
+        assert a.finish_reason == "stop" or a.completion_tokens == 2
     with Engine(tiny_pair_f32.text_path, tiny_pair_f32.mmproj_path, n_gpu_layers=10, **kw):
         pass
     assert len(notes) == 1

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from llava_cli.engine import VocabOnly
 from llava_cli.prompts import (
     ImageSlot,
     Segment,
@@ -18,6 +17,7 @@ from llava_cli.prompts import (
     render,
     user_turn,
 )
+from llava_cli.runtime import VocabOnly
 
 pytestmark = pytest.mark.parity
 

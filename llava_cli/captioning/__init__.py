@@ -25,13 +25,14 @@ from llava_cli.captioning.batch import (
 )
 from llava_cli.captioning.inputs import discover_images, parse_shard, select_shard, shard_index
 from llava_cli.captioning.lock import output_lock
-from llava_cli.captioning.model import EngineCaptioner, caption
+from llava_cli.captioning.model import DEFAULT_PARALLEL, EngineCaptioner, RuntimeCaptioner, caption
 from llava_cli.captioning.records import COLUMNS, FORMATS, CaptionRecord, read_log, sidecar_path
 from llava_cli.captioning.templates import TEMPLATE_FIELDS, parse_template, template_values
 
 __all__ = [
     "COLUMNS",
     "DEFAULT_OUT",
+    "DEFAULT_PARALLEL",
     "DEFAULT_PREFETCH",
     "DEFAULT_PROMPT",
     "EXIT_INTERRUPTED",
@@ -44,6 +45,7 @@ __all__ = [
     "CaptionSummary",
     "Captioner",
     "EngineCaptioner",
+    "RuntimeCaptioner",
     "SomeImagesFailed",
     "caption",
     "caption_batch",

@@ -10,6 +10,7 @@ import queue
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,20 @@ class Captioner(Protocol):
     quantization: str
 
     def caption(self, image: LoadedImage, prompt: str) -> tuple[str, int]: ...
+
+
+class Pending(Protocol):
+    def result(self) -> tuple[str, int]: ...
+
+    def cancel(self) -> None: ...
+
+
+class ParallelCaptioner(Captioner, Protocol):
+    """A captioner that takes several images at once: ``submit`` returns at once, ``result()`` blocks."""
+
+    parallel: int
+
+    def submit(self, image: LoadedImage, prompt: str) -> Pending: ...
 
 
 CaptionerSource = Captioner | Callable[[], Captioner]
@@ -407,16 +422,106 @@ def _run_loop(
 ) -> None:
     if on_progress:
         on_progress(0, total)
-    for completed, item in enumerate(prefetcher, start=1):
-        if interrupts.requested:
-            break
-        record = _caption_one(model, item, *templates, clashes)
+    completed = 0
+
+    def finish(record: CaptionRecord) -> None:
+        nonlocal completed
         commit_record(record, log, write_sidecars, summary)
+        completed += 1
         if on_record:
             on_record(record)
         if on_progress:
             on_progress(completed, total)
+
+    if getattr(model, "parallel", 1) > 1 and hasattr(model, "submit"):
+        _pipelined(model, prefetcher, interrupts, finish, templates, clashes)  # type: ignore[arg-type]
+    else:
+        for item in prefetcher:
+            if interrupts.requested:
+                break
+            finish(_caption_one(model, item, *templates, clashes))
     summary.interrupted = interrupts.requested
+
+
+def _pipelined(
+    model: ParallelCaptioner,
+    prefetcher: Prefetcher,
+    interrupts: _Interrupts,
+    finish: Callable[[CaptionRecord], None],
+    templates: tuple[Template, Template, Template],
+    clashes: dict[str, str],
+) -> None:
+    """Keep ``2 × parallel`` images submitted (the runtime encodes the next ones while it decodes), and record them
+    in input order as they complete. The first Ctrl-C stops submitting and lets the ones in flight finish (they are
+    recorded); a second one cancels them (not recorded: they are redone on resume)."""
+    window: deque[tuple[Prepared, CaptionRecord, Pending | None, float]] = deque()
+    items = iter(prefetcher)
+    try:
+        while True:
+            while len(window) < 2 * model.parallel and not interrupts.requested:
+                item = next(items, None)
+                if item is None:
+                    break
+                record, handle = submit_one(model, item, *templates, clashes)
+                window.append((item, record, handle, time.perf_counter()))
+            if not window:
+                return
+            item, record, handle, t0 = window.popleft()
+            finish(complete_submitted(item, record, handle, t0, templates))
+    finally:
+        for _, _, handle, _ in window:
+            if handle is not None:
+                handle.cancel()
+
+
+def complete_submitted(
+    item: Prepared,
+    record: CaptionRecord,
+    handle: Pending | None,
+    t0: float,
+    templates: tuple[Template, Template, Template],
+) -> CaptionRecord:
+    """Wait for a submitted image (`submit_one`) and fill in its record. Shared with the Ray replicas."""
+    if handle is not None:
+        try:
+            text, n_tokens = handle.result()
+            record.tokens = n_tokens
+            values = template_values(item.path, item.existing)
+            record.caption = templates[1].render(values) + text.strip() + templates[2].render(values)
+        except LlavaError as exc:
+            record.error = f"{item.path}: {exc.message}"
+        # Wall time since submission: with several in flight, it overlaps the others'.
+        record.seconds = round(time.perf_counter() - t0, 3)
+    return record
+
+
+def submit_one(
+    model: ParallelCaptioner,
+    item: Prepared,
+    prompt_t: Template,
+    prefix_t: Template,
+    suffix_t: Template,
+    clashes: dict[str, str],
+) -> tuple[CaptionRecord, Pending | None]:
+    """The record of `item` and the model's handle, or a finished (error) record and None."""
+    values = template_values(item.path, item.existing)
+    prompt = prompt_t.render(values)
+    record = CaptionRecord(
+        path=item.path,
+        caption=None,
+        prompt=prompt,
+        model=model.model_name,
+        quantization=model.quantization,
+        seconds=0.0,
+        tokens=0,
+    )
+    if item.path in clashes:
+        record.error = clashes[item.path]
+        return record, None
+    if item.image is None:
+        record.error = item.error
+        return record, None
+    return record, model.submit(item.image, prompt)
 
 
 def _caption_one(

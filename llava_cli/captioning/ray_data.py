@@ -37,8 +37,10 @@ from llava_cli.captioning.batch import (
     _Interrupts,
     _sidecar_clashes,
     commit_record,
+    complete_submitted,
     pending_images,
     resolve_outputs,
+    submit_one,
 )
 from llava_cli.captioning.inputs import discover_images, parse_shard, resume_key, select_shard
 from llava_cli.captioning.lock import output_lock
@@ -103,7 +105,11 @@ def _column(batch: dict[str, Any], name: str, n: int) -> list[Any]:
 
 
 def decode_batch(
-    batch: dict[str, Any], *, max_pixels: int = DEFAULT_MAX_PIXELS, want_existing: bool = False
+    batch: dict[str, Any],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int | None = None,
+    want_existing: bool = False,
 ) -> dict[str, Any]:
     """A Ray task: turn rows of images into RGB pixels (or the reason they cannot be used).
 
@@ -128,7 +134,7 @@ def decode_batch(
                 sha = _sha256(pixels.tobytes())
             else:
                 source = bytes(data[i]) if data[i] is not None else path
-                loaded = load_image(source, max_pixels=max_pixels)
+                loaded = load_image(source, max_pixels=max_pixels, max_bytes=max_bytes)
                 rgb, width, height, sha = loaded.rgb_bytes(), loaded.width, loaded.height, loaded.sha256
         except LlavaError as exc:
             error = exc.message if path is None or str(path) in exc.message else f"{path}: {exc.message}"
@@ -180,6 +186,7 @@ class CaptionReplica:
         n = len(batch["path"])
         rgbs, errors, existing = (_column(batch, c, n) for c in ("rgb", "error", "existing"))
         records: dict[str, list[Any]] = {c: [] for c in COLUMNS}
+        items: list[Prepared] = []
         for i in range(n):
             path, rgb, error = str(batch["path"][i]), rgbs[i], errors[i]
             image = None
@@ -187,8 +194,19 @@ class CaptionReplica:
                 size = (int(batch["width"][i]), int(batch["height"][i]))
                 pixels = Image.frombytes("RGB", size, bytes(rgb))
                 image = LoadedImage(image=pixels, sha256=str(batch["sha256"][i]), name=path)
-            item = Prepared(path, image, error, str(existing[i] or ""))
-            record = _caption_one(self.captioner, item, *self.templates, {})
+            items.append(Prepared(path, image, error, str(existing[i] or "")))
+        model = self.captioner
+        if getattr(model, "parallel", 1) > 1 and hasattr(model, "submit"):
+            # Every image of the batch in flight at once on the replica's sequence slots (--parallel).
+            t0 = time.perf_counter()
+            handles = [submit_one(model, item, *self.templates, {}) for item in items]  # type: ignore[arg-type]
+            done = [
+                complete_submitted(item, rec, h, t0, self.templates)
+                for item, (rec, h) in zip(items, handles, strict=True)
+            ]
+        else:
+            done = [_caption_one(model, item, *self.templates, {}) for item in items]
+        for record in done:
             for f in fields(record):
                 records[f.name].append(getattr(record, f.name))
         return records
@@ -213,6 +231,8 @@ def caption_dataset(
     prefix: str = "",
     suffix: str = "",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_image_bytes: int | None = None,
+    parallel: int = 1,
     want_existing: bool = False,
     ray: RayOptions | None = None,
 ) -> Any:
@@ -249,10 +269,11 @@ def caption_dataset(
         "top_p": top_p,
         "seed": seed,
         "system": system,
+        "parallel": parallel,
     }
     decoded = ds.map_batches(
         decode_batch,
-        fn_kwargs={"max_pixels": max_pixels, "want_existing": want_existing},
+        fn_kwargs={"max_pixels": max_pixels, "max_bytes": max_image_bytes, "want_existing": want_existing},
         batch_size=rayopts.batch_size,
         batch_format="numpy",
         # Decoding is light next to a caption: a fraction of a CPU, so it runs beside replicas that hold every CPU.
@@ -422,9 +443,14 @@ def caption_ray(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     on_progress: Callable[[int, int], None] | None = None,
     on_record: Callable[[CaptionRecord], None] | None = None,
+    max_image_bytes: int | None = None,
+    parallel: int | None = None,
+    on_parallel: Callable[[int], None] | None = None,
     handle_sigint: bool = True,
 ) -> CaptionSummary:
     """`captioning.caption` on a Ray cluster (``llava caption --ray``): same arguments, same outputs, same summary.
+    ``parallel`` is per replica (sequence slots of each replica's runtime; default 1, since replicas are the unit of
+    scale here); ``on_parallel`` is told that level.
 
     Example::
 
@@ -432,6 +458,8 @@ def caption_ray(
         summary = caption_ray(["photos/"], model="llava-1.5-7b", out="captions.jsonl", ray=RayOptions(workers=2))
     """
     rayopts = ray or RayOptions()
+    if on_parallel is not None:
+        on_parallel(parallel or 1)
     import_ray()  # before any work: without Ray, one line saying what to install
     started = time.monotonic()
     notice = on_note or (lambda message: print(f"note: {message}", file=sys.stderr))
@@ -488,6 +516,8 @@ def caption_ray(
                             prefix=prefix,
                             suffix=suffix,
                             max_pixels=max_pixels,
+                            max_image_bytes=max_image_bytes,
+                            parallel=parallel or 1,
                             want_existing=uses_existing,
                         ),
                         on_progress=on_progress,

@@ -159,6 +159,18 @@ ShardOpt = Annotated[
         show_default=False,
     ),
 ]
+ParallelOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--parallel",
+        "-P",
+        min=1,
+        help="Images captioned at once: they share the model, and their tokens are decoded together (each takes "
+        "--ctx positions of KV cache). Default: 4, measured fastest on CPU (docs/runtime.md); 1 = one at a time. "
+        "Records are still written in input order. Example: --parallel 8",
+        show_default=False,
+    ),
+]
 CaptionMaxTokensOpt = Annotated[
     int, typer.Option("--max-tokens", "-n", min=1, help="Stop each caption after this many tokens. Example: -n 64")
 ]
@@ -240,6 +252,7 @@ def caption_command(
     threads: ThreadsOpt = None,
     n_gpu_layers: NGpuLayersOpt = "0",
     no_mmproj_offload: NoMmprojOffloadOpt = False,
+    parallel: ParallelOpt = None,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 0.95,
     seed: SeedOpt = None,
@@ -305,6 +318,11 @@ def caption_command(
     def on_note(message: str) -> None:
         console.print(f"note: {message}", markup=False, highlight=False)
 
+    def on_parallel(n: int) -> None:
+        if not quiet:
+            how = "one image at a time" if n == 1 else f"{n} images at a time"
+            console.print(f"note: captioning {how} (--parallel {n})", markup=False, highlight=False)
+
     run: Callable[..., captioning.CaptionSummary] = captioning.caption
     extra: dict[str, Any] = {}
     if ray:
@@ -328,6 +346,7 @@ def caption_command(
             threads=threads,
             n_gpu_layers=n_gpu_layers,
             mmproj_offload=not no_mmproj_offload,
+            parallel=parallel,
             max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
@@ -335,6 +354,7 @@ def caption_command(
             system=system,
             verbose=verbose,
             on_note=on_note,
+            on_parallel=on_parallel,
             out=out,
             sidecar=sidecar,
             format=format,

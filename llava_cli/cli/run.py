@@ -25,9 +25,10 @@ from llava_cli.cli.options import (
     ThreadsOpt,
 )
 from llava_cli.cli.progress import progress_bar
-from llava_cli.engine import Answer, Conversation, Engine
 from llava_cli.errors import ContextOverflowError, LlavaError, UsageError
 from llava_cli.images import LoadedImage, load_image
+from llava_cli.resolve import ResolvedModel
+from llava_cli.runtime import Answer, Conversation, Engine, open_model
 
 ImageOpt = Annotated[
     list[str] | None,
@@ -85,8 +86,6 @@ MaxImageMbOpt = Annotated[
     ),
 ]
 
-NOISE_NOTE = "{name} has random weights: its answers are noise (it only shows that the installation works)"
-
 
 def load_engine(
     model: str | None,
@@ -99,25 +98,21 @@ def load_engine(
     no_mmproj_offload: bool = False,
     verbose: bool = False,
     quiet: bool = False,
-) -> tuple[Engine, Any]:
-    """Resolve ``--model`` (catalog id, checkpoint dir, or .gguf + --mmproj) and load it. Returns (engine, resolved)."""
-    from llava_cli.resolve import resolve_model
-
+) -> tuple[Engine, ResolvedModel]:
+    """`open_model` with the CLI's progress bar (shown only for a download or a conversion) and notes."""
     with _lazy_progress("preparing model", quiet) as on_progress:
-        resolved = resolve_model(model, mmproj=mmproj, bits=bits, on_progress=on_progress)
-    if resolved.noise:
-        _note(NOISE_NOTE.format(name=resolved.name))
-    engine = Engine(
-        resolved.text_path,
-        resolved.mmproj_path,
-        n_ctx=ctx,
-        n_threads=threads,
-        n_gpu_layers=n_gpu_layers,
-        mmproj_offload=not no_mmproj_offload,
-        verbose=verbose,
-        on_note=_note,
-    )
-    return engine, resolved
+        return open_model(
+            model,
+            mmproj=mmproj,
+            bits=bits,
+            on_progress=on_progress,
+            on_note=_note,
+            n_ctx=ctx,
+            n_threads=threads,
+            n_gpu_layers=n_gpu_layers,
+            mmproj_offload=not no_mmproj_offload,
+            verbose=verbose,
+        )
 
 
 @contextlib.contextmanager
