@@ -22,8 +22,18 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from llava_cli.errors import UsageError
+
 ImageFit = Literal["pad", "crop"]
 IMAGE_FITS: tuple[ImageFit, ...] = ("pad", "crop")
+
+
+def parse_image_fit(value: str) -> ImageFit:
+    """``--image-fit`` as given by a person (any case) → ``"pad"`` or ``"crop"``; anything else is a UsageError."""
+    fit = str(value).strip().lower()
+    if fit not in IMAGE_FITS:
+        raise UsageError(f"--image-fit {value!r} is not one of {', '.join(IMAGE_FITS)}", hint="e.g. --image-fit crop")
+    return fit
 
 
 def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
@@ -73,4 +83,4 @@ def preprocess(
     return np.ascontiguousarray(normed.transpose(2, 0, 1))
 
 
-__all__ = ["IMAGE_FITS", "ImageFit", "expand2square", "preprocess"]
+__all__ = ["IMAGE_FITS", "ImageFit", "expand2square", "parse_image_fit", "preprocess"]

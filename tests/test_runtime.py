@@ -74,14 +74,17 @@ def test_long_prefill_does_not_stall_decoding(tiny_pair_f32, images: list[Loaded
         tiny_pair_f32.text_path, tiny_pair_f32.mmproj_path, n_parallel=2, n_ctx=1024, n_threads=2, prefill_chunk=64
     ) as rt:
         rt.stats.keep_step_log = True
-        first = rt.submit(_ask("Count slowly."), temperature=0, max_tokens=60, ignore_eos=True)
+        # Long enough to still be generating when the image's chunks go in, however slow the image encode is
+        # on a loaded machine; cancelled once the second answer is in.
+        first = rt.submit(_ask("Count slowly."), temperature=0, max_tokens=900, ignore_eos=True)
         pieces = iter(first)
         next(pieces)  # the first sequence is generating
         second = rt.submit(_ask("What is this?", images[0]), temperature=0, max_tokens=4)
         a2 = second.result(timeout=120)
+        first.cancel()
         a1 = first.result(timeout=120)
         log = list(rt.stats.step_log)
-    assert a1.completion_tokens == 60 and a1.finish_reason == "length"
+    assert a1.finish_reason == "cancelled" and a1.completion_tokens > 4
     assert a2.completion_tokens >= 1
     prefill_steps = [s for s in log if s[1] + s[2] > 0 and s[0] > 0]
     # The image went in several chunks, each riding along with a decode row of the first sequence.

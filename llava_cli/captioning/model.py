@@ -12,6 +12,8 @@ from typing import Any
 from llava_cli.captioning.batch import CaptionSummary, caption_batch
 from llava_cli.errors import LlavaError, UsageError
 from llava_cli.images import LoadedImage
+from llava_cli.preprocess import parse_image_fit
+from llava_cli.quants import normalize_bits
 
 # Images in flight for `llava caption` when --parallel is not given: the best of 1/2/4/8 in bench/bench_parallel.py
 # caption (docs/runtime.md): on 2 CPU cores, 4 sequences decode ~2x the tokens/s of one, 8 add little and double the
@@ -136,6 +138,7 @@ def load_captioner(
     threads: int | None = None,
     n_gpu_layers: str | int = 0,
     mmproj_offload: bool = True,
+    image_fit: str = "pad",
     parallel: int = 1,
     max_tokens: int = 128,
     temperature: float = 0.0,
@@ -163,6 +166,7 @@ def load_captioner(
         n_threads=threads,
         n_gpu_layers=n_gpu_layers,
         mmproj_offload=mmproj_offload,
+        image_fit=parse_image_fit(image_fit),
         verbose=verbose,
     )
     kind = RuntimeCaptioner if parallel > 1 else EngineCaptioner
@@ -188,6 +192,7 @@ def caption(
     threads: int | None = None,
     n_gpu_layers: str | int = 0,
     mmproj_offload: bool = True,
+    image_fit: str = "pad",
     parallel: int | None = None,
     max_tokens: int = 128,
     temperature: float = 0.0,
@@ -213,6 +218,10 @@ def caption(
     parallel = DEFAULT_PARALLEL if parallel is None else parallel
     if parallel < 1:
         raise UsageError(f"--parallel {parallel} must be at least 1")
+    # Bad values fail now, not after the model load (which a finished batch never reaches).
+    parse_image_fit(image_fit)
+    if bits is not None:
+        normalize_bits(bits)
     note = on_note or (lambda message: print(f"note: {message}", file=sys.stderr))
     loaded: list[EngineCaptioner] = []
 
@@ -225,6 +234,7 @@ def caption(
             threads=threads,
             n_gpu_layers=n_gpu_layers,
             mmproj_offload=mmproj_offload,
+            image_fit=image_fit,
             parallel=parallel,
             max_tokens=max_tokens,
             temperature=temperature,

@@ -49,6 +49,7 @@ from llava_cli.captioning.records import COLUMNS, CaptionRecord, RecordLog
 from llava_cli.captioning.templates import parse_template, read_existing
 from llava_cli.errors import LlavaError, UsageError
 from llava_cli.images import DEFAULT_MAX_PIXELS, LoadedImage, load_image
+from llava_cli.preprocess import parse_image_fit
 
 INSTALL_HINT = 'pip install "llava-cli[ray]"'
 # Images per call of a replica. Small, so records reach the log soon after they are made and a dead actor's retry
@@ -222,6 +223,7 @@ def caption_dataset(
     threads: int | None = None,
     n_gpu_layers: str | int = 0,
     mmproj_offload: bool = True,
+    image_fit: str = "pad",
     max_tokens: int = 128,
     temperature: float = 0.0,
     top_p: float = 0.95,
@@ -255,6 +257,7 @@ def caption_dataset(
     ray_mod = import_ray()
     for text, what in ((prompt, "--prompt"), (prefix, "--prefix"), (suffix, "--suffix")):
         parse_template(text, what=what)  # a bad template fails here, not in every actor
+    parse_image_fit(image_fit)
     load = {
         "model": model,
         "mmproj": str(mmproj) if mmproj is not None else None,
@@ -264,6 +267,7 @@ def caption_dataset(
         "threads": threads or max(1, int(rayopts.cpus_per_worker)),
         "n_gpu_layers": n_gpu_layers,
         "mmproj_offload": mmproj_offload,
+        "image_fit": image_fit,
         "max_tokens": max_tokens,
         "temperature": temperature,
         "top_p": top_p,
@@ -424,6 +428,7 @@ def caption_ray(
     threads: int | None = None,
     n_gpu_layers: str | int = 0,
     mmproj_offload: bool = True,
+    image_fit: str = "pad",
     max_tokens: int = 128,
     temperature: float = 0.0,
     top_p: float = 0.95,
@@ -507,6 +512,7 @@ def caption_ray(
                             threads=threads,
                             n_gpu_layers=n_gpu_layers,
                             mmproj_offload=mmproj_offload,
+                            image_fit=image_fit,
                             max_tokens=max_tokens,
                             temperature=temperature,
                             top_p=top_p,

@@ -25,6 +25,7 @@ from llava_cli import captioning, reading
 from llava_cli.cli.options import (
     BitsOpt,
     CtxOpt,
+    ImageFitOpt,
     MmprojOpt,
     ModelOpt,
     NGpuLayersOpt,
@@ -252,6 +253,7 @@ def caption_command(
     threads: ThreadsOpt = None,
     n_gpu_layers: NGpuLayersOpt = "0",
     no_mmproj_offload: NoMmprojOffloadOpt = False,
+    image_fit: ImageFitOpt = "pad",
     parallel: ParallelOpt = None,
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 0.95,
@@ -346,6 +348,7 @@ def caption_command(
             threads=threads,
             n_gpu_layers=n_gpu_layers,
             mmproj_offload=not no_mmproj_offload,
+            image_fit=image_fit,
             parallel=parallel,
             max_tokens=max_tokens,
             temperature=temperature,

@@ -58,5 +58,15 @@ NoMmprojOffloadOpt = Annotated[
     bool,
     typer.Option("--no-mmproj-offload", help="Keep the vision encoder on the CPU even when a GPU is used."),
 ]
+ImageFitOpt = Annotated[
+    str,
+    typer.Option(
+        "--image-fit",
+        help="How a picture becomes the encoder's 336x336 square: 'pad' (default; how LLaVA-1.5 was trained: "
+        "pad to a square with the mean colour, then resize, so nothing is cut off) or 'crop' (transformers' "
+        "CLIPImageProcessor: resize the short side, cut the centre). Example: --image-fit crop",
+        case_sensitive=False,
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts instead of text.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="No progress bars; only results and errors.")]

@@ -16,6 +16,7 @@ from llava_cli.atomic import atomic_path
 from llava_cli.cli.options import (
     BitsOpt,
     CtxOpt,
+    ImageFitOpt,
     JsonOpt,
     MmprojOpt,
     ModelOpt,
@@ -27,6 +28,7 @@ from llava_cli.cli.options import (
 from llava_cli.cli.progress import progress_bar
 from llava_cli.errors import ContextOverflowError, LlavaError, UsageError
 from llava_cli.images import LoadedImage, load_image
+from llava_cli.preprocess import parse_image_fit
 from llava_cli.resolve import ResolvedModel
 from llava_cli.runtime import Answer, Conversation, Engine, open_model
 
@@ -96,6 +98,7 @@ def load_engine(
     threads: int | None = None,
     n_gpu_layers: str = "0",
     no_mmproj_offload: bool = False,
+    image_fit: str = "pad",
     verbose: bool = False,
     quiet: bool = False,
 ) -> tuple[Engine, ResolvedModel]:
@@ -111,6 +114,7 @@ def load_engine(
             n_threads=threads,
             n_gpu_layers=n_gpu_layers,
             mmproj_offload=not no_mmproj_offload,
+            image_fit=parse_image_fit(image_fit),
             verbose=verbose,
         )
 
@@ -187,6 +191,7 @@ def register(app: typer.Typer) -> None:
         threads: ThreadsOpt = None,
         n_gpu_layers: NGpuLayersOpt = "0",
         no_mmproj_offload: NoMmprojOffloadOpt = False,
+        image_fit: ImageFitOpt = "pad",
         json_out: JsonOpt = False,
         verbose: VerboseOpt = False,
         quiet: QuietOpt = False,
@@ -221,6 +226,7 @@ def register(app: typer.Typer) -> None:
             threads=threads,
             n_gpu_layers=n_gpu_layers,
             no_mmproj_offload=no_mmproj_offload,
+            image_fit=image_fit,
             verbose=verbose,
             quiet=quiet or json_out,
         )
@@ -256,6 +262,7 @@ def register(app: typer.Typer) -> None:
         threads: ThreadsOpt = None,
         n_gpu_layers: NGpuLayersOpt = "0",
         no_mmproj_offload: NoMmprojOffloadOpt = False,
+        image_fit: ImageFitOpt = "pad",
         verbose: VerboseOpt = False,
         quiet: QuietOpt = False,
         max_image_mb: MaxImageMbOpt = None,
@@ -282,6 +289,7 @@ def register(app: typer.Typer) -> None:
             threads=threads,
             n_gpu_layers=n_gpu_layers,
             no_mmproj_offload=no_mmproj_offload,
+            image_fit=image_fit,
             verbose=verbose,
             quiet=quiet,
         )

@@ -25,6 +25,7 @@ from typing import Any
 
 from llava_cli.errors import UsageError
 from llava_cli.images import LoadedImage
+from llava_cli.preprocess import ImageFit
 from llava_cli.runtime.conversation import Conversation
 from llava_cli.runtime.llamacpp import GpuLayers
 from llava_cli.runtime.messages import Answer, EngineStats, Message, Timings
@@ -57,6 +58,7 @@ class Engine:
         n_batch: int = 1024,
         n_ubatch: int = 512,
         flash_attn: bool | None = None,
+        image_fit: ImageFit = "pad",
         image_cache_mb: int = 512,
         verbose: bool = False,
         on_note: Callable[[str], None] | None = None,
@@ -74,6 +76,7 @@ class Engine:
             n_batch=n_batch,
             n_ubatch=n_ubatch,
             flash_attn=flash_attn,
+            image_fit=image_fit,
             image_cache_mb=image_cache_mb,
             prefill_chunk=n_batch,  # one sequence: nobody to interleave with
             kv_unified=True,

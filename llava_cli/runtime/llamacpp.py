@@ -188,7 +188,7 @@ def resolve_gpu_layers(
         if v == "all":
             wanted = n_layer + 1  # +1: the output layer
         elif v == "auto":
-            return _auto_gpu_layers(text_path, mmproj_path, text_info, n_ctx * n_parallel, mmproj_offload, flash_attn)
+            return _auto_gpu_layers(text_path, mmproj_path, text_info, n_ctx, n_parallel, mmproj_offload, flash_attn)
         else:
             try:
                 wanted = int(v)
@@ -215,7 +215,8 @@ def _auto_gpu_layers(
     text_path: Path,
     mmproj_path: Path,
     text_info: GGUFInfo,
-    n_ctx_total: int,
+    n_ctx: int,
+    n_parallel: int,
     mmproj_offload: bool,
     flash_attn: bool | None,
 ) -> tuple[int, bool, str]:
@@ -226,7 +227,8 @@ def _auto_gpu_layers(
     plan = plan_offload(
         text_path,
         mmproj_path,
-        n_ctx=n_ctx_total,
+        n_ctx=n_ctx,
+        parallel=n_parallel,  # one KV slot of n_ctx cells per sequence
         flash_attn=flash_attn,  # None = llama.cpp auto, not "off" (#14)
         mmproj_offload=mmproj_offload,
     )

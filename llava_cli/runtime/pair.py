@@ -11,7 +11,8 @@ from pathlib import Path
 
 from llava_cli.errors import UsageError
 from llava_cli.gguf_info import GGUFInfo, check_pair, read_gguf
-from llava_cli.runtime.encoder import ImageCache, ImageEncoder, MtmdEncoder
+from llava_cli.preprocess import ImageFit
+from llava_cli.runtime.encoder import ImageCache, ImageEncoder
 from llava_cli.runtime.llamacpp import (
     GpuLayers,
     TextModel,
@@ -21,6 +22,7 @@ from llava_cli.runtime.llamacpp import (
     resolve_gpu_layers,
 )
 from llava_cli.runtime.scheduler import Scheduler
+from llava_cli.runtime.vision import VisionEncoder
 
 
 class ModelPair:
@@ -40,6 +42,7 @@ class ModelPair:
         n_batch: int,
         n_ubatch: int,
         flash_attn: bool | None,
+        image_fit: ImageFit,
         image_cache_mb: int,
         prefill_chunk: int,
         kv_unified: bool,
@@ -49,7 +52,7 @@ class ModelPair:
         import llama_cpp
 
         self.text: TextModel | None = None
-        self.encoder: MtmdEncoder | None = None
+        self.encoder: VisionEncoder | None = None
         self._on_note = on_note or (lambda msg: print(f"note: {msg}", file=sys.stderr))
         self.notes: list[str] = []
         self.text_path = Path(text_path)
@@ -103,19 +106,20 @@ class ModelPair:
                 flash_attn=flash_attn,
                 kv_unified=kv_unified,
             )
-            self.encoder = MtmdEncoder(
+            # Our own vision graph on ggml (runtime/vision.py): exactly what transformers computes for the image,
+            # where mtmd's puts the class token last. It refuses an mmproj it cannot compute before any graph exists.
+            self.encoder = VisionEncoder(
                 self.mmproj_path,
-                self.text.model,
                 n_threads=self.n_threads_batch,
                 use_gpu=self.mmproj_offload,
-                flash_attn_type=self.text.flash_attn_type,
-                n_embd=self.text.n_embd_inp,
+                flash_attn=flash_attn,
+                image_fit=image_fit,
             )
         except BaseException:
             self.close()
             raise
-        self.n_image_tokens = self.mmproj_info.n_image_tokens
-        self.encoder.n_image_tokens = self.n_image_tokens
+        self.n_image_tokens = self.encoder.n_image_tokens
+        self.image_fit: ImageFit = image_fit
         self.image_encoder: ImageEncoder = self.encoder
         self.cache = ImageCache(self.image_encoder, image_cache_mb * 1024 * 1024)
         self.tokenizer = self.text.tokenizer

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from llava_cli.errors import LlavaError, UsageError
+from llava_cli.preprocess import ImageFit
 from llava_cli.runtime.llamacpp import GpuLayers
 from llava_cli.runtime.messages import Answer, Message, Timings
 from llava_cli.runtime.pair import ModelPair
@@ -91,6 +92,7 @@ class Runtime:
         n_batch: int = 1024,
         n_ubatch: int = 512,
         flash_attn: bool | None = None,
+        image_fit: ImageFit = "pad",
         image_cache_mb: int = 512,
         prefill_chunk: int = 256,
         kv_unified: bool = True,
@@ -109,6 +111,7 @@ class Runtime:
             n_batch=n_batch,
             n_ubatch=n_ubatch,
             flash_attn=flash_attn,
+            image_fit=image_fit,
             image_cache_mb=image_cache_mb,
             prefill_chunk=prefill_chunk,
             kv_unified=kv_unified,
