@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from llava_cli import __version__
-from llava_cli.cli import caption, convert, models, quantize, run, vram
+from llava_cli.cli import caption, convert, models, quantize, run, serve, vram
 from llava_cli.errors import LlavaError
 
 HELP = """Ask local LLaVA vision-language models about images.
@@ -60,7 +60,7 @@ def make_app() -> typer.Typer:
     ) -> None:
         pass
 
-    for module in (run, caption, convert, quantize, models, vram):
+    for module in (run, caption, convert, quantize, models, vram, serve):
         module.register(app)
     return app
 
