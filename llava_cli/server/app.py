@@ -206,7 +206,7 @@ def create_app(runtime: Runtime, config: ServerConfig) -> FastAPI:
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await _stream(events, completion_id, config.model_id, include_usage)
+            return await _stream(events, request, completion_id, config.model_id, include_usage)
         return await _whole(events, request, completion_id, config.model_id)
 
     return app
@@ -228,15 +228,21 @@ def _submit(runtime: Runtime, prompt: Prompt) -> Any:
         raise from_llava(exc) from exc
 
 
+async def _next_or_gone(events: JobEvents, request: Request) -> Event:
+    """The next event of a job whose client may hang up before the response starts; cancels the job if so
+    (it then ends as a cancelled `Finished`, and its slot is freed)."""
+    while True:
+        try:
+            return await events.next(DISCONNECT_POLL_S)
+        except TimeoutError:
+            if await request.is_disconnected():
+                events.cancel()
+
+
 async def _whole(events: JobEvents, request: Request, completion_id: str, model_id: str) -> JSONResponse:
     try:
         while True:
-            try:
-                item = await events.next(DISCONNECT_POLL_S)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    events.cancel()
-                continue
+            item = await _next_or_gone(events, request)
             if isinstance(item, Failed):
                 raise _job_error(item.error)
             if isinstance(item, Finished):
@@ -269,10 +275,12 @@ def _chunk(completion_id: str, created: int, model_id: str, delta: Delta, finish
     return sse(chunk)
 
 
-async def _stream(events: JobEvents, completion_id: str, model_id: str, include_usage: bool) -> Response:
+async def _stream(
+    events: JobEvents, request: Request, completion_id: str, model_id: str, include_usage: bool
+) -> Response:
     # Wait for the first event before answering 200: an error up to here still gets its own status code.
     try:
-        first = await events.next()
+        first = await _next_or_gone(events, request)
     except BaseException:
         events.cancel()
         raise
