@@ -301,6 +301,42 @@ def test_stop_strings(server: ThreadServer) -> None:
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
 
 
+def test_harmless_fields_are_ignored_and_roles_merge(server: ThreadServer) -> None:
+    """Fields OpenAI clients send that change nothing here are accepted; system/developer messages join into the
+    system prompt and consecutive user messages merge (same answer as the merged form)."""
+    extra = {
+        "user": "someone",
+        "metadata": {"k": "v"},
+        "store": False,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "parallel_tool_calls": False,
+        "response_format": {"type": "text"},
+        "max_completion_tokens": 3,
+    }
+    image = data_url(png_bytes(8))
+    split = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image_url", "image_url": image}]},  # a bare URL string
+        {"role": "user", "content": "What is it?", "name": "x"},
+    ]
+    merged = [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": image, "detail": "high"}}]
+            + [{"type": "text", "text": "What is it?"}],
+        },
+    ]
+    a = server.post({"model": MODEL_ID, "messages": split, "temperature": 0, **extra})
+    b = server.post({"messages": merged, "temperature": 0, "max_tokens": 3})
+    assert a.status_code == 200, a.text
+    assert b.status_code == 200, b.text
+    assert a.json()["usage"]["completion_tokens"] <= 3
+    assert a.json()["choices"][0]["message"] == b.json()["choices"][0]["message"]
+    assert a.json()["usage"]["prompt_tokens"] == b.json()["usage"]["prompt_tokens"]
+
+
 def test_sampling_is_seeded(server: ThreadServer) -> None:
     client = server.client()
     msgs = [{"role": "user", "content": "Say anything."}]
