@@ -15,7 +15,6 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 import anyio
 from fastapi import Depends, FastAPI, Request
@@ -26,10 +25,10 @@ from llava_cli import __version__
 from llava_cli.engine import Answer
 from llava_cli.errors import LlavaError
 from llava_cli.server.admission import Admission
-from llava_cli.server.errors import APIError, _loc, bad_request, from_llava, install_handlers
+from llava_cli.server.errors import APIError, bad_request, from_llava, install_handlers, param_path
 from llava_cli.server.images import ImagePolicy
 from llava_cli.server.messages import Prompt, build_prompt
-from llava_cli.server.protocol import Runtime
+from llava_cli.server.protocol import Job, Runtime
 from llava_cli.server.schema import (
     AssistantMessage,
     ChatCompletion,
@@ -116,7 +115,7 @@ def _parse(body: bytes) -> ChatCompletionRequest:
         return ChatCompletionRequest.model_validate(payload)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = _loc(tuple(first.get("loc", ())))
+        param = param_path(tuple(first.get("loc", ())))
         raise bad_request(f"{param}: {first.get('msg', 'invalid value')}" if param else first["msg"], param) from exc
 
 
@@ -212,7 +211,7 @@ def create_app(runtime: Runtime, config: ServerConfig) -> FastAPI:
     return app
 
 
-def _submit(runtime: Runtime, prompt: Prompt) -> Any:
+def _submit(runtime: Runtime, prompt: Prompt) -> Job:
     g = prompt.generate
     try:
         return runtime.submit(

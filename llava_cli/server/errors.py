@@ -66,7 +66,7 @@ def from_llava(exc: LlavaError, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
 
 
-def _loc(loc: tuple[Any, ...]) -> str:
+def param_path(loc: tuple[Any, ...]) -> str:
     """pydantic's error location as OpenAI's ``param``: ("body", "messages", 0, "role") -> messages[0].role."""
     out = ""
     for part in loc:
@@ -84,7 +84,7 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = _loc(tuple(first.get("loc", ())))
+        param = param_path(tuple(first.get("loc", ())))
         where = f"{param}: " if param else ""
         return bad_request(f"{where}{first.get('msg', 'invalid value')}", param=param or None).response()
 
