@@ -9,6 +9,7 @@ import typer
 from llava_cli.cli.options import (
     BitsOpt,
     CtxOpt,
+    ImageFitOpt,
     MmprojOpt,
     ModelOpt,
     NGpuLayersOpt,
@@ -16,7 +17,9 @@ from llava_cli.cli.options import (
     QuietOpt,
     ThreadsOpt,
 )
-from llava_cli.cli.run import NOISE_NOTE, VerboseOpt, _lazy_progress, _note
+from llava_cli.cli.run import VerboseOpt, _lazy_progress, _note
+from llava_cli.preprocess import parse_image_fit
+from llava_cli.runtime.loader import NOISE_NOTE
 
 MB = 1024 * 1024
 
@@ -99,6 +102,7 @@ def register(app: typer.Typer) -> None:
         threads: ThreadsOpt = None,
         n_gpu_layers: NGpuLayersOpt = "0",
         no_mmproj_offload: NoMmprojOffloadOpt = False,
+        image_fit: ImageFitOpt = "pad",
         verbose: VerboseOpt = False,
         quiet: QuietOpt = False,
     ) -> None:
@@ -153,6 +157,7 @@ def register(app: typer.Typer) -> None:
             threads=threads,
             n_gpu_layers=n_gpu_layers,
             mmproj_offload=not no_mmproj_offload,
+            image_fit=parse_image_fit(image_fit),
             shutdown_timeout=shutdown_timeout,
             verbose=verbose,
             on_note=_note,

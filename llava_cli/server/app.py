@@ -22,9 +22,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from llava_cli import __version__
-from llava_cli.engine import Answer
 from llava_cli.errors import LlavaError
+from llava_cli.runtime import Answer
 from llava_cli.server.admission import Admission
+from llava_cli.server.answers import AnswerMemory
 from llava_cli.server.errors import APIError, bad_request, from_llava, install_handlers, param_path
 from llava_cli.server.images import ImagePolicy
 from llava_cli.server.messages import Prompt, build_prompt
@@ -123,6 +124,7 @@ def create_app(runtime: Runtime, config: ServerConfig) -> FastAPI:
     """The app over `runtime` (not owned: the caller closes it after the server stops)."""
     admission = Admission(runtime.n_parallel, config.max_queue)
     state = {"closing": False}
+    answers = AnswerMemory()
     app = FastAPI(title="llava serve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.admission = admission
     app.state.runtime = runtime
@@ -196,7 +198,7 @@ def create_app(runtime: Runtime, config: ServerConfig) -> FastAPI:
                 headers={"Retry-After": str(wait)},
             )
         try:
-            prompt = await build_prompt(req, config.images)
+            prompt = await build_prompt(req, config.images, answers)
             job = await anyio.to_thread.run_sync(partial(_submit, runtime, prompt))
         except BaseException:
             admission.release(started)
@@ -205,8 +207,8 @@ def create_app(runtime: Runtime, config: ServerConfig) -> FastAPI:
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await _stream(events, request, completion_id, config.model_id, include_usage)
-        return await _whole(events, request, completion_id, config.model_id)
+            return await _stream(events, request, completion_id, config.model_id, include_usage, answers)
+        return await _whole(events, request, completion_id, config.model_id, answers)
 
     return app
 
@@ -238,7 +240,9 @@ async def _next_or_gone(events: JobEvents, request: Request) -> Event:
                 events.cancel()
 
 
-async def _whole(events: JobEvents, request: Request, completion_id: str, model_id: str) -> JSONResponse:
+async def _whole(
+    events: JobEvents, request: Request, completion_id: str, model_id: str, answers: AnswerMemory
+) -> JSONResponse:
     try:
         while True:
             item = await _next_or_gone(events, request)
@@ -251,6 +255,7 @@ async def _whole(events: JobEvents, request: Request, completion_id: str, model_
         events.cancel()  # a no-op once the job is over; frees the slot if the handler itself was cancelled
     if answer.finish_reason == "cancelled":
         raise _shutting_down()
+    answers.remember(answer)
     body = ChatCompletion(
         id=completion_id,
         created=int(time.time()),
@@ -275,7 +280,12 @@ def _chunk(completion_id: str, created: int, model_id: str, delta: Delta, finish
 
 
 async def _stream(
-    events: JobEvents, request: Request, completion_id: str, model_id: str, include_usage: bool
+    events: JobEvents,
+    request: Request,
+    completion_id: str,
+    model_id: str,
+    include_usage: bool,
+    answers: AnswerMemory,
 ) -> Response:
     # Wait for the first event before answering 200: an error up to here still gets its own status code.
     try:
@@ -304,6 +314,7 @@ async def _stream(
                     if answer.finish_reason == "cancelled":
                         yield sse(_shutting_down().body())
                         return
+                    answers.remember(answer)
                     yield _chunk(completion_id, created, model_id, Delta(), _finish_reason(answer))
                     if include_usage:
                         usage = ChatCompletionChunk(

@@ -17,11 +17,12 @@ from typing import Any
 
 import uvicorn
 
-from llava_cli.engine import Engine, GpuLayers
 from llava_cli.errors import UsageError
+from llava_cli.preprocess import ImageFit
+from llava_cli.runtime import Runtime as ModelRuntime
+from llava_cli.runtime.llamacpp import GpuLayers
 from llava_cli.server.app import ServerConfig, create_app
 from llava_cli.server.protocol import Runtime
-from llava_cli.server.serial import SerialRuntime
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -35,24 +36,24 @@ def load_runtime(
     n_threads: int | None = None,
     n_gpu_layers: GpuLayers | str = 0,
     mmproj_offload: bool = True,
+    image_fit: ImageFit = "pad",
     verbose: bool = False,
     on_note: Callable[[str], None] | None = None,
 ) -> Runtime:
-    """The runtime the server runs on. The one place to swap `SerialRuntime` for ``llava_cli.runtime.Runtime``
-    (same arguments: ``Runtime(text_path, mmproj_path, n_parallel=..., n_ctx=..., ...)``)."""
-    engine = Engine(
+    """The runtime the server runs on: ``n_parallel`` sequence slots of ``n_ctx`` positions each, decoded
+    together (llava_cli/runtime/runtime.py), with prefix reuse across requests and one shared image cache."""
+    return ModelRuntime(
         text_path,
         mmproj_path,
+        n_parallel=n_parallel,
         n_ctx=n_ctx,
         n_threads=n_threads,
         n_gpu_layers=n_gpu_layers,
         mmproj_offload=mmproj_offload,
+        image_fit=image_fit,
         verbose=verbose,
         on_note=on_note,
     )
-    if n_parallel > 1 and on_note is not None:
-        on_note(f"--parallel {n_parallel}: this build decodes one request at a time; the others wait in the queue")
-    return SerialRuntime(engine)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -111,6 +112,7 @@ def run_server(
     threads: int | None = None,
     n_gpu_layers: GpuLayers | str = 0,
     mmproj_offload: bool = True,
+    image_fit: ImageFit = "pad",
     shutdown_timeout: float = 30.0,
     verbose: bool = False,
     on_note: Callable[[str], None] | None = None,
@@ -127,6 +129,7 @@ def run_server(
             n_threads=threads,
             n_gpu_layers=n_gpu_layers,
             mmproj_offload=mmproj_offload,
+            image_fit=image_fit,
             verbose=verbose,
             on_note=on_note,
         )

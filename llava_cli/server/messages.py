@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from llava_cli.engine import Message
 from llava_cli.images import LoadedImage
+from llava_cli.runtime import Message
 from llava_cli.server import images
+from llava_cli.server.answers import AnswerMemory
 from llava_cli.server.errors import bad_request
 from llava_cli.server.schema import ChatCompletionRequest, ChatMessage
 
@@ -104,7 +105,9 @@ async def _parts(msg: ChatMessage, where: str, policy: images.ImagePolicy) -> tu
     return texts, found
 
 
-async def build_prompt(req: ChatCompletionRequest, policy: images.ImagePolicy) -> Prompt:
+async def build_prompt(
+    req: ChatCompletionRequest, policy: images.ImagePolicy, answers: AnswerMemory | None = None
+) -> Prompt:
     """Validate and convert `req` (images fetched and decoded); `APIError` for anything the runtime cannot take."""
     check_supported(req)
     if not req.messages:
@@ -133,5 +136,8 @@ async def build_prompt(req: ChatCompletionRequest, policy: images.ImagePolicy) -
         text = "\n".join(s.strip() for s in t.texts if s.strip())
         if t.role == "user" and not text and not t.images:
             raise bad_request("messages: a user message has no text and no image", "messages")
-        out.append(Message("user" if t.role == "user" else "assistant", text, images=list(t.images)))
+        if t.role == "user":
+            out.append(Message("user", text, images=list(t.images)))
+        else:  # an answer of ours comes back with the ids it was generated as (answers.py says why)
+            out.append(Message("assistant", text, tokens=answers.tokens(text) if answers is not None else None))
     return Prompt("\n".join(s.strip() for s in system) or None, out, generate_settings(req))

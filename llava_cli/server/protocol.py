@@ -1,8 +1,8 @@
 """What the server needs from a runtime: ``submit(messages, ...) -> Job``, a Job to iterate, wait for and cancel.
 
-This is the contract of ``llava_cli.runtime.Runtime`` (the multi-sequence scheduler); `llava_cli.server.serial`
-satisfies it over today's single-conversation `Engine`. The server imports nothing else from either, so swapping
-one for the other is a change in `llava_cli.server.host.load_runtime` only.
+This is the contract ``llava_cli.runtime.Runtime`` (the multi-sequence scheduler) satisfies. The server imports
+nothing else from the runtime but its message types, so tests and other backends can stand in for it;
+`llava_cli.server.host.load_runtime` is the one place that builds the real one.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
-from llava_cli.engine import Answer, Message
+from llava_cli.runtime import Answer, Message
 
 
 class Job(Protocol):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from llava_cli.engine import Answer
+from llava_cli.runtime import Answer
 from llava_cli.server.protocol import Job
 
 
