@@ -163,6 +163,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each figure is its best round")
     ap.add_argument("--tokens", type=int, default=600, help="prompt tokens to prefill (576 image + text)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument(
+        "--only", default="", help="comma-separated substrings: run only the configurations whose label has one"
+    )
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -188,6 +191,8 @@ def main() -> None:
         pre("F16 2048/2048 fa off", "F16", n_batch=2048, n_ubatch=2048),
         pre("F16 1024/512 fa on", "F16", flash_attn=True),
         pre("F16 2048/2048 fa on", "F16", n_batch=2048, n_ubatch=2048, flash_attn=True),
+        pre("F16 1024/1024 fa on", "F16", n_batch=1024, n_ubatch=1024, flash_attn=True),
+        pre("F16 2048/2048 fa on, 1 thread", "F16", n_batch=2048, n_ubatch=2048, flash_attn=True, threads=1),
         pre("F16 1024/512 fa off, 1 thread", "F16", threads=1),
         pre("BF16 1024/512 fa off", "BF16"),
         pre("Q8_0 1024/512 fa off", "Q8_0"),
@@ -197,6 +202,9 @@ def main() -> None:
         ("mmproj F32, 1 thread", "encode", {"mmproj": str(files["mmproj_f32"]), "images": pics, "threads": 1}),
         ("transformers fp32", "hf", {"ckpt": str(files["ckpt"]), "images": pics, "tokens": n, "threads": t}),
     ]
+    if a.only:
+        keys = [k.strip() for k in a.only.split(",") if k.strip()]
+        configs = [c for c in configs if any(k in c[0] for k in keys)]
     best: dict[str, dict[str, float]] = {}
     for r in range(a.rounds):
         for label, kind, cfg in configs:
