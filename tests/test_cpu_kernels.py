@@ -7,6 +7,7 @@ import platform
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,12 @@ def test_doctor_reports_the_loaded_backend(capsys: pytest.CaptureFixture[str]) -
     assert data["notes"]
     if "AVX512" in data["usable"] and "AVX512" not in data["compiled"]:
         assert "AVX512" in data["unused"]
+
+
+def test_variant_files_and_the_single_backend_build(tmp_path: Path) -> None:
+    for name in ("libggml-cpu-haswell.so", "libggml-cpu-zen4.so", "libggml-cpu.so", "libggml-cpu-unknown.so"):
+        (tmp_path / name).write_bytes(b"")
+    assert list(ck.variant_files(tmp_path)) == ["haswell", "zen4"]
+    # The installed build links one CPU backend in (README flags): nothing to choose, nothing loaded.
+    if not any(ck.variant_files(folder) for folder in ck.backend_folders()):
+        assert ck.load_cpu_backend() is None
