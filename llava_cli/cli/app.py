@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from llava_cli import __version__
-from llava_cli.cli import caption, convert, models, quantize, run, serve, vram
+from llava_cli.cli import caption, convert, doctor, models, quantize, run, serve, vram
 from llava_cli.errors import LlavaError
 
 HELP = """Ask local LLaVA vision-language models about images.
@@ -61,7 +61,7 @@ def make_app() -> typer.Typer:
     ) -> None:
         pass
 
-    for module in (run, caption, convert, quantize, models, vram, serve):
+    for module in (run, caption, convert, quantize, models, vram, serve, doctor):
         module.register(app)
     return app
 

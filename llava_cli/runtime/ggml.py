@@ -241,3 +241,47 @@ def new_context(n_tensors: int, graph_size: int = 0) -> int:
     if not ctx:
         raise MemoryError("ggml_init failed")
     return int(ctx)
+
+
+# ------------------------------------------------------------------------------------------------- CPU features
+
+
+class _Feature(ctypes.Structure):
+    """``struct ggml_backend_feature`` (ggml-backend.h): {const char *name; const char *value}."""
+
+    _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
+
+
+def cpu_backend_features() -> dict[str, str]:
+    """What the CPU backend in ggml's registry reports through ``ggml_backend_get_features``: the instruction
+    sets it was compiled with (AVX2, AVX512, AMX_INT8, ...; ggml-cpu.cpp lists them from ``ggml_cpu_has_*``, which
+    are compile-time answers) and build options (OPENMP, REPACK, ...). Works for a build with the CPU backend
+    linked in and for one with dynamic CPU variants (after one is loaded). Bound here, not in _SIGNATURES: only
+    libggml.so is needed, which every build has."""
+    import llama_cpp
+
+    folder = Path(llama_cpp.__file__).parent / "lib"
+    g = ctypes.CDLL(str(folder / "libggml.so"))
+    g.ggml_backend_reg_count.restype = _sz
+    g.ggml_backend_reg_get.argtypes = [_sz]
+    g.ggml_backend_reg_get.restype = _p
+    g.ggml_backend_reg_name.argtypes = [_p]
+    g.ggml_backend_reg_name.restype = ctypes.c_char_p
+    g.ggml_backend_reg_get_proc_address.argtypes = [_p, ctypes.c_char_p]
+    g.ggml_backend_reg_get_proc_address.restype = _p
+    for i in range(int(g.ggml_backend_reg_count())):
+        reg = g.ggml_backend_reg_get(i)
+        if (g.ggml_backend_reg_name(reg) or b"") != b"CPU":
+            continue
+        addr = g.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_get_features")
+        if not addr:
+            return {}
+        get = ctypes.CFUNCTYPE(ctypes.POINTER(_Feature), _p)(addr)
+        feats = get(reg)
+        out: dict[str, str] = {}
+        i = 0
+        while feats[i].name:
+            out[feats[i].name.decode()] = (feats[i].value or b"").decode()
+            i += 1
+        return out
+    return {}
