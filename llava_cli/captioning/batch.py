@@ -495,17 +495,11 @@ def complete_submitted(
     return record
 
 
-def submit_one(
-    model: ParallelCaptioner,
-    item: Prepared,
-    prompt_t: Template,
-    prefix_t: Template,
-    suffix_t: Template,
-    clashes: dict[str, str],
-) -> tuple[CaptionRecord, Pending | None]:
-    """The record of `item` and the model's handle, or a finished (error) record and None."""
-    values = template_values(item.path, item.existing)
-    prompt = prompt_t.render(values)
+def _start_record(
+    model: Captioner, item: Prepared, prompt_t: Template, clashes: dict[str, str]
+) -> tuple[CaptionRecord, str | None]:
+    """The record of `item` and the prompt to ask, or the record already failed (clash, unreadable) and None."""
+    prompt = prompt_t.render(template_values(item.path, item.existing))
     record = CaptionRecord(
         path=item.path,
         caption=None,
@@ -517,9 +511,22 @@ def submit_one(
     )
     if item.path in clashes:
         record.error = clashes[item.path]
-        return record, None
-    if item.image is None:
+    elif item.image is None:
         record.error = item.error
+    return record, None if record.error else prompt
+
+
+def submit_one(
+    model: ParallelCaptioner,
+    item: Prepared,
+    prompt_t: Template,
+    prefix_t: Template,
+    suffix_t: Template,
+    clashes: dict[str, str],
+) -> tuple[CaptionRecord, Pending | None]:
+    """The record of `item` and the model's handle, or a finished (error) record and None."""
+    record, prompt = _start_record(model, item, prompt_t, clashes)
+    if prompt is None or item.image is None:
         return record, None
     return record, model.submit(item.image, prompt)
 
@@ -532,22 +539,8 @@ def _caption_one(
     suffix_t: Template,
     clashes: dict[str, str],
 ) -> CaptionRecord:
-    values = template_values(item.path, item.existing)
-    prompt = prompt_t.render(values)
-    record = CaptionRecord(
-        path=item.path,
-        caption=None,
-        prompt=prompt,
-        model=model.model_name,
-        quantization=model.quantization,
-        seconds=0.0,
-        tokens=0,
-    )
-    if item.path in clashes:
-        record.error = clashes[item.path]
-        return record
-    if item.image is None:
-        record.error = item.error
+    record, prompt = _start_record(model, item, prompt_t, clashes)
+    if prompt is None or item.image is None:
         return record
     t0 = time.perf_counter()
     try:
@@ -558,5 +551,6 @@ def _caption_one(
         return record
     record.seconds = round(time.perf_counter() - t0, 3)
     record.tokens = n_tokens
+    values = template_values(item.path, item.existing)
     record.caption = prefix_t.render(values) + text.strip() + suffix_t.render(values)
     return record
