@@ -179,22 +179,28 @@ def llava7b(ctx: int, keep: bool) -> None:
     d = OUT / "llava7b"
     free = shutil.disk_usage(OUT.parent if OUT.parent.exists() else ROOT).free
     print(f"free disk: {free / 1e9:.0f} GB (needs ~32 GB: checkpoint 14 + F16 GGUF 14 + Q4_K_M 4)", flush=True)
-    if free < 40e9:
+    reuse = (d / "llava7b.f16.gguf").exists() and (d / "mmproj-llava7b.f16.gguf").exists()
+    if free < (6e9 if reuse else 40e9):
         raise SystemExit("not enough free disk for the 7B run")
     use_large_vocab_corpus()
     try:
-        t0 = time.perf_counter()
-        ckpt = make_checkpoint(d / "ckpt", preset="bench", dtype="f16", shards=3, **LLAVA_7B)
-        print(f"synthetic checkpoint: {time.perf_counter() - t0:.0f} s", flush=True)
-        conv_s, conv_peak = _timed_child(
-            "import sys\nfrom quantize.converter import convert\n"
-            "convert(sys.argv[1], sys.argv[2], outtype='f16', name='llava7b')",
-            str(ckpt),
-            str(d),
-        )
-        shutil.rmtree(ckpt)
         f16, mm = d / "llava7b.f16.gguf", d / "mmproj-llava7b.f16.gguf"
-        print(f"convert: {conv_s:.0f} s, peak RSS {conv_peak / MiB:.0f} MiB", flush=True)
+        conv_s = conv_peak = float("nan")
+        if f16.exists() and mm.exists():
+            # An interrupted run left its F16 pair: go on from there (the build and convert take ~25 minutes).
+            print(f"reusing {f16.name} and {mm.name} (convert figures are from the run that made them)", flush=True)
+        else:
+            t0 = time.perf_counter()
+            ckpt = make_checkpoint(d / "ckpt", preset="bench", dtype="f16", shards=3, **LLAVA_7B)
+            print(f"synthetic checkpoint: {time.perf_counter() - t0:.0f} s", flush=True)
+            conv_s, conv_peak = _timed_child(
+                "import sys\nfrom quantize.converter import convert\n"
+                "convert(sys.argv[1], sys.argv[2], outtype='f16', name='llava7b')",
+                str(ckpt),
+                str(d),
+            )
+            shutil.rmtree(ckpt)
+            print(f"convert: {conv_s:.0f} s, peak RSS {conv_peak / MiB:.0f} MiB", flush=True)
         q_s, q_peak = _timed_child(
             "import sys\nfrom quantize.quantizer import quantize\n"
             "quantize(sys.argv[1], bits='q4_k_m', mmproj_bits='f16', out=sys.argv[2])",
@@ -228,7 +234,8 @@ def llava7b(ctx: int, keep: bool) -> None:
             f"| text GGUF bytes (header) vs tensor sum | {ti.file_size / 1e9:.3f} GB | {sizes.text / 1e9:.3f} GB | "
             f"{sizes.text / ti.file_size:.4f} |"
         )
-        print(f"| convert to F16: seconds, peak RSS | {conv_s:.0f} s, {conv_peak / MiB:,.0f} MiB | | |")
+        if conv_s == conv_s:  # not NaN: converted in this run
+            print(f"| convert to F16: seconds, peak RSS | {conv_s:.0f} s, {conv_peak / MiB:,.0f} MiB | | |")
         print(
             f"| quantize to Q4_K_M: s, peak RSS (parent; llama.cpp in a child) | {q_s:.0f} s, "
             f"{q_peak / MiB:,.0f} MiB | | |"
