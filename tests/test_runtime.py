@@ -101,12 +101,14 @@ def test_cancel_frees_the_slot(tiny_pair_f32, images: list[LoadedImage]) -> None
         it = iter(long)
         next(it)
         assert not waiting.done  # one slot: the second job queues behind the first
+        assert rt.in_flight == 3
         dropped.cancel()  # cancelled while queued: done at once, not when the slot frees
         assert dropped.result(timeout=30).finish_reason == "cancelled" and not long.done
         long.cancel()
         a = long.result(timeout=60)
         assert a.finish_reason == "cancelled" and a.completion_tokens < 900
         b = waiting.result(timeout=120)  # it got the slot
+        assert rt.in_flight == 0
         assert b.finish_reason in ("stop", "length") and b.completion_tokens > 0
         assert b.cached_tokens < 10  # the cancelled sequence's cells were dropped, not reused
 

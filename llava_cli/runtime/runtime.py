@@ -43,6 +43,7 @@ class Job:
         self._pieces.put(piece)
 
     def _on_done(self, seq: Request) -> None:
+        self._runtime._count(-1)
         self._done.set()
         self._pieces.put(_END)
 
@@ -136,6 +137,8 @@ class Runtime:
         self._to_encode: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._closing = False
         self._stopping = False
+        self._in_flight = 0
+        self._count_lock = threading.Lock()
         self._error: BaseException | None = None
         self._encoder = threading.Thread(target=self._encode_loop, name="llava-encode", daemon=True)
         self._worker = threading.Thread(target=self._run_loop, name="llava-scheduler", daemon=True)
@@ -177,8 +180,19 @@ class Runtime:
                 seq.notes.extend(im.notes)
         job = Job(self, seq)
         seq.on_text, seq.on_done = job._on_text, job._on_done
+        self._count(+1)
         self._to_encode.put(seq)
         return job
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs submitted and not done yet (generating, prefilling, queued for a slot or for the encoder): what a
+        server compares with its queue limit (more than ``n_parallel`` means some are waiting)."""
+        return self._in_flight
+
+    def _count(self, delta: int) -> None:
+        with self._count_lock:
+            self._in_flight += delta
 
     @property
     def stats(self) -> SchedulerStats:
