@@ -463,9 +463,9 @@ def caption_ray(
         summary = caption_ray(["photos/"], model="llava-1.5-7b", out="captions.jsonl", ray=RayOptions(workers=2))
     """
     rayopts = ray or RayOptions()
+    import_ray()  # before any work: without Ray, one line saying what to install
     if on_parallel is not None:
         on_parallel(parallel or 1)
-    import_ray()  # before any work: without Ray, one line saying what to install
     started = time.monotonic()
     notice = on_note or (lambda message: print(f"note: {message}", file=sys.stderr))
     templates = [
