@@ -6,8 +6,9 @@
 
 Builds a random-weight checkpoint (quantize.synthetic), converts it to F16 (quantize.convert), quantizes the text
 model to Q8_0 / Q6_K / Q4_K_M (and once with a Q8_0 mmproj) with `quantize.quantize`, then scores every pair
-against the F16 pair with `quantize.quantizer.measure_quality`: the F16 pair answers 4 fixed image + prompt inputs
-greedily, the quantized pairs are teacher-forced on the same answers, and the next-token distributions are
+against the F16 pair with `llava_cli.quality.measure_quality`, through the engine path users run (our prompt
+template and tokenizer, our ggml vision graph; llava_cli/runtime/scoring.py): the F16 pair answers 4 fixed image +
+prompt inputs greedily, the quantized pairs are teacher-forced on the same answers, and the next-token distributions are
 compared position by position (mean KL(F16 || quant) in nats, top-1 agreement). Prints Markdown tables; no asserts.
 """
 
@@ -22,8 +23,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from llava_cli.quality import measure_quality  # noqa: E402
 from quantize import convert, quantize  # noqa: E402
-from quantize.quality import format_quality_table, measure_quality  # noqa: E402
+from quantize.quality import format_quality_table  # noqa: E402
 from quantize.synthetic import make_checkpoint  # noqa: E402
 
 # A text model as wide as a small real one (rows multiples of 256: no K-quant fallbacks), a small vision tower

@@ -12,7 +12,9 @@ The quantized text model's header records where it came from: llama.cpp copies e
 then applies the ``kv_overrides`` of the quantize params, so we pass ``general.quantized_by`` and three
 ``llava_cli.quantize.*`` keys there (a header rewrite afterwards would mean a second full copy of the file).
 
-``quantize/quality.py`` measures the result against F16 (``--report``).
+With ``measure`` (``llava quantize --report`` passes ``llava_cli.quality.measure_quality``) the result is also scored
+against the F16 source; the scorer is passed in because it runs the engine, which quantize/ may not import
+(``quantize/quality.py``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from llava_cli.quants import MMPROJ_TYPES, TEXT_TYPES, QuantType, parse_bits
 from quantize.checkpoint import open_checkpoint
 from quantize.converter import convert
 from quantize.llama_worker import run_llama_quantize, size_text
-from quantize.quality import QualityRow, measure_quality
+from quantize.quality import MeasureFn, QualityRow
 
 ProgressFn = Callable[[int, int], None]
 StageFn = Callable[[str, str], None]
@@ -290,7 +292,7 @@ def quantize(
     mmproj_bits: str = "f16",
     out: str | os.PathLike[str] | None = None,
     on_progress: ProgressFn | None = None,
-    report: bool = False,
+    measure: MeasureFn | None = None,
     on_stage: StageFn | None = None,
 ) -> QuantizeResult:
     """Quantize a LLaVA model to ``<model>.<bits>.gguf`` + ``mmproj-<model>.<mmproj_bits>.gguf`` in `out`.
@@ -300,7 +302,8 @@ def quantize(
     the command's SOURCE, a catalog id included, into one of these). `out` defaults to the source GGUF's
     directory; a checkpoint needs it.
     ``on_stage(description, unit)`` announces each step; ``on_progress(done, total)`` then counts its tensors
-    (bytes while converting or copying). ``report=True`` also measures quality against F16 (`measure_quality`).
+    (bytes while converting or copying). ``measure`` (e.g. ``llava_cli.quality.measure_quality``) also scores the
+    quantized pair against the F16 source: its rows become ``result.report``.
     """
     qtype = parse_bits(bits, TEXT_TYPES)
     mtype = parse_bits(mmproj_bits, MMPROJ_TYPES, "--mmproj-bits")
@@ -320,10 +323,10 @@ def quantize(
         if out is None:
             raise UsageError("quantizing a checkpoint needs an output directory", hint="e.g. --out models/")
         out_dir = Path(out).expanduser()
-        return _quantize_checkpoint(src, qtype, mtype, out_dir, on_progress, on_stage, report, started)
+        return _quantize_checkpoint(src, qtype, mtype, out_dir, on_progress, on_stage, measure, started)
     gsrc = _open_gguf_source(src)
     out_dir = Path(out).expanduser() if out is not None else src.parent
-    return _quantize_pair(gsrc, qtype, mtype, out_dir, on_progress, on_stage, report, started)
+    return _quantize_pair(gsrc, qtype, mtype, out_dir, on_progress, on_stage, measure, started)
 
 
 def _quantize_checkpoint(
@@ -333,7 +336,7 @@ def _quantize_checkpoint(
     out_dir: Path,
     on_progress: ProgressFn | None,
     on_stage: StageFn | None,
-    report: bool,
+    measure: MeasureFn | None,
     started: float,
 ) -> QuantizeResult:
     name = ckpt.resolve().name
@@ -353,7 +356,7 @@ def _quantize_checkpoint(
         text = read_gguf(converted.text_path, expect="text")
         mmproj = read_gguf(converted.mmproj_path, expect="mmproj")
         gsrc = _Source(text=text, mmproj=mmproj, name=name, label=f"{ckpt.name} (checkpoint)")
-        return _quantize_pair(gsrc, qtype, mtype, out_dir, on_progress, on_stage, report, started)
+        return _quantize_pair(gsrc, qtype, mtype, out_dir, on_progress, on_stage, measure, started)
 
 
 def _quantize_pair(
@@ -363,7 +366,7 @@ def _quantize_pair(
     out_dir: Path,
     on_progress: ProgressFn | None,
     on_stage: StageFn | None,
-    report: bool,
+    measure: MeasureFn | None,
     started: float,
 ) -> QuantizeResult:
     text_final = out_dir / f"{src.name}.{qtype.name}.gguf"
@@ -401,10 +404,10 @@ def _quantize_pair(
     for t in text_info.tensors:
         counts[t.type_name] = counts.get(t.type_name, 0) + 1
     rows = None
-    if report:
+    if measure is not None:
         if on_stage:
             on_stage("measuring quality against F16", "inputs")
-        rows = measure_quality(
+        rows = measure(
             src.text.path,
             src.mmproj.path,
             {(qtype.name, mtype.name): (text_final, mmproj_final)},

@@ -19,14 +19,15 @@ import numpy as np
 import psutil
 import pytest
 
+from llava_cli import quality
 from llava_cli.cli.app import main
 from llava_cli.errors import InputNotFoundError, ModelFileError, OutputError, UsageError
 from llava_cli.gguf_info import GGUFInfo, TensorInfo, read_gguf
+from llava_cli.quality import measure_quality
 from llava_cli.quants import MMPROJ_TYPES, TEXT_TYPES, parse_bits
-from quantize import quality
 from quantize import quantizer as qz
 from quantize.converter import ConvertResult, convert
-from quantize.quality import measure_quality
+from quantize.quality import format_quality_table
 from quantize.quantizer import QuantizeResult, quantize
 
 ALL_BITS = ("q4_k_m", "q6_k", "q8_0", "f16")
@@ -423,8 +424,32 @@ def test_quality_orders_the_quantizations(pair256: ConvertResult, quantized256: 
     assert 0 < by_bits["q8_0"].mean_kl < by_bits["q4_k_m"].mean_kl
     assert by_bits["q8_0"].mean_kl < 0.05
     assert by_bits["q8_0"].bits_per_weight > by_bits["q4_k_m"].bits_per_weight
-    table = quality.format_quality_table(rows)
+    table = format_quality_table(rows)
     assert table.count("\n") == len(rows) + 1 and "| Q4_K_M |" in table
+
+
+def test_scorer_greedy_answer_is_the_engines(tiny_pair_f16: ConvertResult) -> None:
+    """The quality table scores through the path users run: the scorer's greedy answer, built and fed by
+    llava_cli/runtime/scoring.py, is token for token what `Engine.ask` at temperature 0 generates."""
+    from llava_cli.runtime import Engine
+    from llava_cli.runtime.scoring import Scorer
+
+    inputs = list(zip(quality.quality_images(), quality.QUALITY_PROMPTS, strict=True))
+    pair = (tiny_pair_f16.text_path, tiny_pair_f16.mmproj_path)
+    with Scorer(*pair) as scorer:
+        scored = [scorer.answer_logits(image, prompt, None, 12) for image, prompt in inputs]
+    with Engine(*pair, n_ctx=1024, n_gpu_layers=0) as engine:
+        answers = [engine.ask(prompt, [image], temperature=0, max_tokens=12) for image, prompt in inputs]
+    for (tokens, logits), answer in zip(scored, answers, strict=True):
+        assert logits.shape == (12, scorer.n_vocab) and logits.dtype == np.float32
+        assert tokens[: len(answer.tokens)] == answer.tokens
+        if answer.finish_reason == "stop":  # the engine stopped at end-of-sequence; the scorer went on from it
+            assert tokens[len(answer.tokens)] == engine.tokenizer.eos_id
+    assert len({tuple(t) for t, _ in scored}) > 1  # the answers depend on the input: the comparison can fail
+    # Teacher forcing on the given answer reproduces the greedy run's logits exactly (same batches, same cache).
+    with Scorer(*pair) as scorer:
+        tokens, logits = scorer.answer_logits(inputs[0][0], inputs[0][1], scored[0][0], 12)
+    assert tokens == scored[0][0] and np.array_equal(logits, scored[0][1])
 
 
 @pytest.mark.slow

@@ -84,6 +84,7 @@ def register(app: typer.Typer) -> None:
         quiet: QuietOpt = False,
     ) -> None:
         # Imported here so `llava --help` stays fast.
+        from llava_cli.quality import measure_quality
         from llava_cli.quants import MMPROJ_TYPES, TEXT_TYPES, parse_bits
         from llava_cli.resolve import quantize_source
         from quantize.quality import format_quality_table
@@ -112,7 +113,7 @@ def register(app: typer.Typer) -> None:
                     out=out if out is not None else default_out,
                     on_progress=on_progress,
                     on_stage=on_stage,
-                    report=report,
+                    measure=measure_quality if report else None,  # runs the engine: quantize/ cannot import it
                 )
             except KeyboardInterrupt:
                 # Typer turns a KeyboardInterrupt into a *returned* 130 when standalone_mode=False, which the

@@ -365,6 +365,14 @@ class TextModel:
         )
         return chain
 
+    def logits(self, index: int) -> np.ndarray:
+        """A copy of the next-token logits of batch row `index` of the last decode (-1: the last row that asked
+        for logits), float32 over the vocabulary. The quality table reads them (runtime/scoring.py)."""
+        ptr = self._lc.llama_get_logits_ith(self.ctx, index)
+        if not ptr:
+            raise LlavaError(f"llama.cpp has no logits for batch row {index}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
     def sample(self, sampler: Any, index: int) -> int:
         return int(self._lc.llama_sampler_sample(sampler, self.ctx, index))
 
