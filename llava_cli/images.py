@@ -1,8 +1,8 @@
 """Open, validate and normalise images before they reach the vision encoder.
 
 Everything Pillow can read is accepted (JPEG, PNG, GIF, WebP, TIFF, BMP...). The result is always an upright
-8-bit RGB image: mtmd gets raw RGB pixels (``mtmd_bitmap_init``), never the file, because its own stb_image
-decoder reads neither WebP nor TIFF and knows nothing about EXIF orientation, CMYK or 16-bit samples.
+8-bit RGB image (EXIF orientation applied; CMYK, palette, alpha and 16-bit samples converted), which
+`llava_cli.preprocess` turns into the vision encoder's input; the hash is of the source bytes (the image cache key).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class LoadedImage:
         return self.image.height
 
     def rgb_bytes(self) -> bytes:
-        """The pixels as packed RGBRGB... bytes, row by row (what ``mtmd_bitmap_init`` expects)."""
+        """The pixels as packed RGBRGB... bytes, row by row (how Ray tasks ship decoded images)."""
         return self.image.tobytes()
 
 

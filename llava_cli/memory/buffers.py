@@ -19,7 +19,9 @@ CACHE_TYPE_BYTES = {"f16": 2, "bf16": 2, "f32": 4, "q8_0": 34 / 32, "q4_0": 18 /
 
 # --- CPU-side terms, fitted by bench/bench_memory.py (docs/memory.md, "fit") ------------------------------------
 CPU_RUNTIME = 70 * MiB  # Python + numpy/PIL + llama.cpp/ggml code and data, threads, allocator slack
-IMAGE_EMBD_COPIES = 5  # mtmd output, the engine's embedding cache, decode batches, preprocessing buffers
+# Fitted when mtmd encoded the images; the vision graph that replaced it keeps the same kinds of copies (its output,
+# the embedding cache, decode batches, preprocessing buffers), not yet re-fitted (docs/memory.md).
+IMAGE_EMBD_COPIES = 5
 
 # --- GPU-side terms -------------------------------------------------------------------------------------------
 CLIP_COMPUTE_GPU = 64 * MiB  # clip.cpp's compute buffer for one 336px image (it logs ~33 MB; 2x for safety)

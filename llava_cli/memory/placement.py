@@ -95,7 +95,7 @@ class Estimate:
 @dataclass(frozen=True)
 class OffloadPlan:
     """What ``--n-gpu-layers auto`` uses: ``n_gpu_layers`` goes to llama.cpp as is (-1 = all) and
-    ``mmproj_on_gpu`` to mtmd's ``use_gpu``."""
+    ``mmproj_on_gpu`` to the vision encoder's ``use_gpu``."""
 
     n_gpu_layers: int
     mmproj_on_gpu: bool
