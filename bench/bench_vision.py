@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+# Run from anywhere: the test image helper lives in tests/ (not an installed package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def make_model(folder: Path) -> tuple[Path, Path]:
