@@ -317,6 +317,48 @@ def commit_record(record: CaptionRecord, log: RecordLog | None, write_sidecars: 
         summary.failures.append(record)
 
 
+@dataclass
+class BatchPlan:
+    """What a batch will do, decided before any lock is taken or model loaded (shared with the Ray driver)."""
+
+    templates: tuple[Template, Template, Template]  # prompt, prefix, suffix
+    log_path: Path | None
+    log_fmt: Format | None
+    write_sidecars: bool
+    uses_existing: bool  # some template reads the old sidecar ({existing})
+    paths: list[str]  # this shard's images, in order
+
+
+def plan_batch(
+    inputs: Sequence[str | os.PathLike[str]],
+    *,
+    out: str | os.PathLike[str] | None,
+    sidecar: bool,
+    format: str | None,
+    recursive: bool,
+    prompt: str,
+    prefix: str,
+    suffix: str,
+    shard: str | tuple[int, int] | None,
+) -> BatchPlan:
+    """Check the templates and outputs (a typo fails before any work) and find this shard's images."""
+    templates = (
+        parse_template(prompt, what="--prompt"),
+        parse_template(prefix, what="--prefix"),
+        parse_template(suffix, what="--suffix"),
+    )
+    log_path, log_fmt, write_sidecars = resolve_outputs(out, sidecar, format)
+    uses_existing = any("existing" in t.fields for t in templates)
+    if write_sidecars and log_path is None and uses_existing:
+        raise UsageError(
+            "{existing} with --sidecar needs --out LOG to remember which images are done "
+            "(the sidecar is both the input and the output)",
+            hint="add --out captions.jsonl",
+        )
+    paths = select_shard(discover_images(inputs, recursive=recursive), parse_shard(shard))
+    return BatchPlan(templates, log_path, log_fmt, write_sidecars, uses_existing, paths)
+
+
 def caption_batch(
     inputs: Sequence[str | os.PathLike[str]],
     *,
@@ -345,19 +387,25 @@ def caption_batch(
     """
     started = time.monotonic()
     notice = on_notice or (lambda message: None)
-    prompt_t = parse_template(prompt, what="--prompt")
-    prefix_t = parse_template(prefix, what="--prefix")
-    suffix_t = parse_template(suffix, what="--suffix")
-    log_path, log_fmt, write_sidecars = resolve_outputs(out, sidecar, format)
-    uses_existing = "existing" in (prompt_t.fields | prefix_t.fields | suffix_t.fields)
-    if write_sidecars and log_path is None and uses_existing:
-        raise UsageError(
-            "{existing} with --sidecar needs --out LOG to remember which images are done "
-            "(the sidecar is both the input and the output)",
-            hint="add --out captions.jsonl",
-        )
-    shard_t = parse_shard(shard)
-    paths = select_shard(discover_images(inputs, recursive=recursive), shard_t)
+    plan = plan_batch(
+        inputs,
+        out=out,
+        sidecar=sidecar,
+        format=format,
+        recursive=recursive,
+        prompt=prompt,
+        prefix=prefix,
+        suffix=suffix,
+        shard=shard,
+    )
+    prompt_t, prefix_t, suffix_t = plan.templates
+    log_path, log_fmt, write_sidecars, uses_existing, paths = (
+        plan.log_path,
+        plan.log_fmt,
+        plan.write_sidecars,
+        plan.uses_existing,
+        plan.paths,
+    )
     summary = CaptionSummary(total=len(paths), out=log_path)
 
     lock = output_lock(log_path) if log_path is not None else contextlib.nullcontext()
@@ -539,18 +587,24 @@ def _caption_one(
     suffix_t: Template,
     clashes: dict[str, str],
 ) -> CaptionRecord:
+    """`submit_one` + `complete_submitted` for a captioner that answers at once (the sequential path)."""
     record, prompt = _start_record(model, item, prompt_t, clashes)
     if prompt is None or item.image is None:
         return record
-    t0 = time.perf_counter()
-    try:
-        text, n_tokens = model.caption(item.image, prompt)
-    except LlavaError as exc:  # e.g. a prompt too long for the context: this image fails, the batch goes on
-        record.error = f"{item.path}: {exc.message}"
-        record.seconds = round(time.perf_counter() - t0, 3)
-        return record
-    record.seconds = round(time.perf_counter() - t0, 3)
-    record.tokens = n_tokens
-    values = template_values(item.path, item.existing)
-    record.caption = prefix_t.render(values) + text.strip() + suffix_t.render(values)
-    return record
+    call = _Call(model, item.image, prompt)
+    return complete_submitted(item, record, call, time.perf_counter(), (prompt_t, prefix_t, suffix_t))
+
+
+@dataclass
+class _Call:
+    """A `Pending` whose result is computed when asked: the model captions in the caller's thread."""
+
+    model: Captioner
+    image: LoadedImage
+    prompt: str
+
+    def result(self) -> tuple[str, int]:
+        return self.model.caption(self.image, self.prompt)
+
+    def cancel(self) -> None:
+        pass

@@ -39,10 +39,10 @@ from llava_cli.captioning.batch import (
     commit_record,
     complete_submitted,
     pending_images,
-    resolve_outputs,
+    plan_batch,
     submit_one,
 )
-from llava_cli.captioning.inputs import discover_images, parse_shard, resume_key, select_shard
+from llava_cli.captioning.inputs import resume_key
 from llava_cli.captioning.lock import output_lock
 from llava_cli.captioning.model import load_captioner
 from llava_cli.captioning.records import COLUMNS, CaptionRecord, RecordLog
@@ -468,17 +468,24 @@ def caption_ray(
         on_parallel(parallel or 1)
     started = time.monotonic()
     notice = on_note or (lambda message: print(f"note: {message}", file=sys.stderr))
-    templates = [
-        parse_template(t, what=w) for t, w in ((prompt, "--prompt"), (prefix, "--prefix"), (suffix, "--suffix"))
-    ]
-    log_path, log_fmt, write_sidecars = resolve_outputs(out, sidecar, format)
-    uses_existing = any("existing" in t.fields for t in templates)
-    if write_sidecars and log_path is None and uses_existing:
-        raise UsageError(
-            "{existing} with --sidecar needs --out LOG to remember which images are done",
-            hint="add --out captions.jsonl",
-        )
-    paths = select_shard(discover_images(inputs, recursive=recursive), parse_shard(shard))
+    plan = plan_batch(
+        inputs,
+        out=out,
+        sidecar=sidecar,
+        format=format,
+        recursive=recursive,
+        prompt=prompt,
+        prefix=prefix,
+        suffix=suffix,
+        shard=shard,
+    )
+    log_path, log_fmt, write_sidecars, uses_existing, paths = (
+        plan.log_path,
+        plan.log_fmt,
+        plan.write_sidecars,
+        plan.uses_existing,
+        plan.paths,
+    )
     summary = CaptionSummary(total=len(paths), out=log_path)
 
     lock = output_lock(log_path) if log_path is not None else contextlib.nullcontext()
