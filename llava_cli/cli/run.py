@@ -103,13 +103,13 @@ def load_engine(
     quiet: bool = False,
 ) -> tuple[Engine, ResolvedModel]:
     """`open_model` with the CLI's progress bar (shown only for a download or a conversion) and notes."""
-    with _lazy_progress("preparing model", quiet) as on_progress:
+    with lazy_progress("preparing model", quiet) as on_progress:
         return open_model(
             model,
             mmproj=mmproj,
             bits=bits,
             on_progress=on_progress,
-            on_note=_note,
+            on_note=print_note,
             n_ctx=ctx,
             n_threads=threads,
             n_gpu_layers=n_gpu_layers,
@@ -120,7 +120,7 @@ def load_engine(
 
 
 @contextlib.contextmanager
-def _lazy_progress(description: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
+def lazy_progress(description: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
     """A progress bar that only appears if there is progress to show (a download or a conversion)."""
     with contextlib.ExitStack() as stack:
         bar: list[Callable[[int, int], None]] = []
@@ -133,7 +133,7 @@ def _lazy_progress(description: str, quiet: bool) -> Iterator[Callable[[int, int
         yield update
 
 
-def _note(message: str) -> None:
+def print_note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr, flush=True)
 
 
@@ -145,7 +145,7 @@ def _load_images(paths: list[str] | None, max_image_mb: float | None = None) -> 
     images = [load_image(p, max_bytes=max_bytes) for p in paths]
     for im in images:
         for n in im.notes:
-            _note(n)
+            print_note(n)
     return images
 
 
@@ -215,8 +215,8 @@ def register(app: typer.Typer) -> None:
             if "-" in (image or []):
                 raise UsageError("the prompt and an --image cannot both come from stdin (-)")
             prompt = reading.read_text(reading.STDIN, what="prompt")
-        prompt = reading.repair_with_note(prompt, "the prompt", _note)
-        system = reading.repair_with_note(system, "--system", _note) if system is not None else None
+        prompt = reading.repair_with_note(prompt, "the prompt", print_note)
+        system = reading.repair_with_note(system, "--system", print_note) if system is not None else None
         images = _load_images(image, max_image_mb)
         engine, resolved = load_engine(
             model,
@@ -279,7 +279,7 @@ def register(app: typer.Typer) -> None:
 
           llava chat --model llava-1.5-13b --ctx 8192 --system "Answer briefly."
         """
-        system = reading.repair_with_note(system, "--system", _note) if system is not None else None
+        system = reading.repair_with_note(system, "--system", print_note) if system is not None else None
         images = _load_images(image, max_image_mb)
         engine, resolved = load_engine(
             model,
@@ -376,7 +376,7 @@ class ChatRepl:
                 if not self.command(line, stdout):
                     return
                 continue
-            self.turn(reading.repair_with_note(line, "this message", _note), stdout, interactive)
+            self.turn(reading.repair_with_note(line, "this message", print_note), stdout, interactive)
 
     def command(self, line: str, stdout: TextIO) -> bool:
         """Run a /command; False means quit."""
@@ -389,7 +389,7 @@ class ChatRepl:
         elif name == "/clear":
             self.conversation.clear()
             self.attached.clear()
-            _note("conversation cleared")
+            print_note("conversation cleared")
         elif name == "/image":
             if not arg:
                 _error("usage: /image PATH")
@@ -400,9 +400,9 @@ class ChatRepl:
                 _error(exc.message, exc.hint)
                 return True
             for n in im.notes:
-                _note(n)
+                print_note(n)
             self.attached.append(im)
-            _note(f"{im.name} ({im.width}×{im.height}) will go with your next message")
+            print_note(f"{im.name} ({im.width}×{im.height}) will go with your next message")
         elif name == "/save":
             if not arg:
                 _error("usage: /save FILE")
@@ -412,7 +412,7 @@ class ChatRepl:
             except LlavaError as exc:
                 _error(exc.message, exc.hint)
                 return True
-            _note(f"conversation saved to {arg}")
+            print_note(f"conversation saved to {arg}")
         else:
             _error(f"unknown command {name}", "type /help")
         return True

@@ -17,7 +17,7 @@ from llava_cli.cli.options import (
     QuietOpt,
     ThreadsOpt,
 )
-from llava_cli.cli.run import VerboseOpt, _lazy_progress, _note
+from llava_cli.cli.run import VerboseOpt, lazy_progress, print_note
 from llava_cli.preprocess import parse_image_fit
 from llava_cli.runtime.loader import NOISE_NOTE
 
@@ -126,11 +126,11 @@ def register(app: typer.Typer) -> None:
         from llava_cli.server.images import ImagePolicy
 
         if host not in LOOPBACK and not api_key:
-            _note(f"listening on {host} without --api-key: anyone who can reach this port can use the model")
-        with _lazy_progress("preparing model", quiet) as on_progress:
+            print_note(f"listening on {host} without --api-key: anyone who can reach this port can use the model")
+        with lazy_progress("preparing model", quiet) as on_progress:
             resolved = resolve_model(model, mmproj=mmproj, bits=bits, on_progress=on_progress)
         if resolved.noise:
-            _note(NOISE_NOTE.format(name=resolved.name))
+            print_note(NOISE_NOTE.format(name=resolved.name))
         config = ServerConfig(
             model_id=resolved.name,
             api_key=api_key or None,
@@ -160,7 +160,7 @@ def register(app: typer.Typer) -> None:
             image_fit=parse_image_fit(image_fit),
             shutdown_timeout=shutdown_timeout,
             verbose=verbose,
-            on_note=_note,
+            on_note=print_note,
             on_ready=ready,
         )
         if not quiet:
