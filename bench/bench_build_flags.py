@@ -1,13 +1,18 @@
-"""What the portable llama.cpp build flags cost against a native (-march=native) build.
+"""The build matrix: time to first token of an image question under each llama.cpp build, against transformers fp32.
 
-The README installs llama-cpp-python with GGML_NATIVE=OFF because a native build on VMs whose CPU advertises AMX
-(without the VM enabling it) dies with SIGILL in quantized matmuls. This bench measures decode tokens/s of the
-same F16 and Q4_K_M text models under both builds, each in its own child process:
+    python bench/bench_build_flags.py --site chosen=/tmp/b/chosen/site --site native=/tmp/b/native/site
 
-    python bench/bench_build_flags.py --site native=/tmp/native/site --site avx2=/tmp/avx2/site
+Each --site is an unpacked llama-cpp-python 0.3.36 wheel built with the CMAKE_ARGS to compare:
 
-where each --site is an unpacked wheel (`pip wheel --no-cache-dir --no-deps llama-cpp-python==0.3.36` with the
-CMAKE_ARGS to compare, then unzip), compared against the installed build.
+    pip wheel --no-cache-dir --no-deps -w WHEELDIR llama-cpp-python==0.3.36   # with CMAKE_ARGS=... set
+    mkdir SITE && cd SITE && unzip WHEELDIR/*.whl
+
+and is compared with the installed build ("installed") in the same run. Every measurement is one child process of
+bench/bench_runtime.py's `ours` (our Engine: load, then image questions with temperature 0; the figure is the warm
+turn, a second image after the first one paid for graph allocation) with that site first on PYTHONPATH, so the
+same llava_cli code runs on each build's libllama/libggml. transformers fp32 (torch CPU) runs the same question in
+the same rounds. Builds and runtimes are interleaved round by round (this VM's speed drifts over minutes) and each
+figure is the best of its rounds (other work only ever slows a run down).
 """
 
 from __future__ import annotations
@@ -19,97 +24,113 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "bench" / "out" / "build_flags"
-
-CHILD = r"""
-import json, sys, time, llama_cpp
-path, threads = sys.argv[1], int(sys.argv[2])
-llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
-prompt = llm.tokenize(b"The quick brown fox jumps over the lazy dog and keeps running", add_bos=True)
-t0 = time.perf_counter(); llm.eval(prompt); prefill = time.perf_counter() - t0
-n = 64
-t0 = time.perf_counter()
-for _ in range(n):
-    tok = llm.sample(temp=0.0)
-    llm.eval([tok])
-decode = time.perf_counter() - t0
-info = llama_cpp.llama_print_system_info().decode()
-print(json.dumps({"prefill_tok_s": len(prompt) / prefill, "decode_tok_s": n / decode, "system_info": info}))
-"""
+sys.path.insert(0, str(ROOT / "bench"))
 
 
-def build_models(size: str) -> dict[str, Path]:
-    from quantize import convert, quantize
-    from quantize.synthetic import make_checkpoint
-
-    OUT.mkdir(parents=True, exist_ok=True)
-    sizes = {
-        # ~1.1B parameters in TinyLlama's shape; the vision tower is kept tiny, only the text model is timed.
-        "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32),
-        "170m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16),
-    }[size]
-    ckpt = OUT / f"ckpt-{size}"
-    f16 = OUT / f"flags-{size}.f16.gguf"
-    if not f16.exists():
-        if not (ckpt / "config.json").exists():
-            make_checkpoint(ckpt, dtype="f16", **sizes)
-        convert(ckpt, OUT, outtype="f16", name=f"flags-{size}")
-    q4 = OUT / f"flags-{size}.q4_k_m.gguf"
-    if not q4.exists():
-        quantize(f16, bits="q4_k_m", out=OUT)
-    return {"F16": f16, "Q4_K_M": q4}
-
-
-def run_child(model: Path, threads: int, site: str | None) -> dict:
-    env = dict(os.environ)
-    if site:
-        env["PYTHONPATH"] = site + os.pathsep + env.get("PYTHONPATH", "")
+def spawn(kind: str, args: dict[str, Any], site: str | None) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(args["threads"])}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (site, str(ROOT)) if p)
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(model), str(threads)], env=env, capture_output=True, text=True
+        [sys.executable, str(ROOT / "bench" / "bench_runtime.py"), "--child", kind, json.dumps(args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
     )
     if proc.returncode != 0:
         sig = -proc.returncode
         name = signal.Signals(sig).name if proc.returncode < 0 and sig in signal.Signals._value2member_map_ else ""
-        return {"error": f"exit {proc.returncode} {name}".strip()}
+        tail = (proc.stderr.strip().splitlines() or [""])[-1]
+        return {"error": f"exit {proc.returncode} {name} {tail}".strip()}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--site",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="another build to compare: an unpacked llama-cpp-python wheel (repeatable)",
+def kernels(site: str | None) -> str:
+    """The instruction sets the build's CPU backend was compiled with (what `llava doctor` prints)."""
+    code = (
+        "from llava_cli.runtime import ggml; from llava_cli import cpu_kernels as ck; "
+        "print(','.join(f for f in ck.feature_names(ggml.cpu_backend_features()) if f in ck.SCORE_WEIGHTS))"
     )
-    ap.add_argument("--size", default="1b", choices=["1b", "170m"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (site, str(ROOT)) if p)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return proc.stdout.strip() or f"? ({(proc.stderr.strip().splitlines() or [''])[-1]})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--site", action="append", default=[], metavar="NAME=PATH", help="another build (repeatable)")
+    ap.add_argument("--size", default="small", choices=["small", "bench", "tiny"])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=16, help="answer tokens per question (decode tok/s)")
+    ap.add_argument("--quants", default="f16,q4", help="text weights to run: f16, q4 (comma-separated)")
+    ap.add_argument("--n-ubatch", type=int, default=None, help="engine n_ubatch (default: the engine's)")
+    ap.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    a = ap.parse_args()
+
+    from bench_runtime import images, prepare
+
+    files = prepare(a.size)
+    pics = [str(p) for p in images()]
     builds: list[tuple[str, str | None]] = [("installed", None)]
-    builds += [tuple(spec.split("=", 1)) for spec in args.site]  # type: ignore[misc]
-    models = build_models(args.size)
-    print(f"model {args.size}, {args.threads} threads, best of {args.repeat} interleaved rounds")
-    print(f"{'quant':8} {'build':10} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode vs installed':>20}")
-    for quant, path in models.items():
-        # Interleave the builds round by round: this VM's speed drifts by 2x over minutes.
-        runs: dict[str, list[dict]] = {name: [] for name, _ in builds}
-        for _ in range(args.repeat):
-            for name, site in builds:
-                runs[name].append(run_child(path, args.threads, site))
-        base = None
-        for name, _ in builds:
-            ok = [r for r in runs[name] if "error" not in r]
-            if not ok:
-                print(f"{quant:8} {name:10} {'':>14} {runs[name][0]['error']:>13}")
+    builds += [(n, p) for n, p in (spec.split("=", 1) for spec in a.site)]
+    from llava_cli.runtime.engine import Engine
+
+    defaults = Engine.__init__.__kwdefaults__ or {}
+    n_ubatch = a.n_ubatch or defaults["n_ubatch"]
+    fa = {"auto": defaults["flash_attn"], "on": True, "off": False}[a.flash_attn]
+    common = {"threads": a.threads, "tokens": a.tokens, "images": pics, "n_ubatch": n_ubatch, "flash_attn": fa}
+    common["n_batch"] = max(defaults["n_batch"], n_ubatch)
+    runs: list[tuple[str, str, str | None, dict[str, Any]]] = []
+    for quant in a.quants.split(","):
+        text = str(files["text_f16" if quant == "f16" else "text_q4"])
+        for name, site in builds:
+            cfg = {**common, "text": text, "mmproj": str(files["mmproj_f16"])}
+            runs.append((f"{quant.upper()} {name}", "ours", site, cfg))
+    if not a.no_hf:
+        runs.append(("transformers fp32", "hf", None, {**common, "ckpt": str(files["ckpt"])}))
+
+    for name, site in builds:
+        print(f"{name}: {kernels(site)}", file=sys.stderr, flush=True)
+    best: dict[str, dict[str, float]] = {}
+    errors: dict[str, str] = {}
+    for r in range(a.rounds):
+        for label, kind, site, cfg in runs:
+            res = spawn(kind, cfg, site)
+            if "error" in res:
+                errors[label] = res["error"]
+                print(f"round {r + 1} {label}: {res['error']}", file=sys.stderr, flush=True)
                 continue
-            best = max(ok, key=lambda r: r["decode_tok_s"])
-            base = base or best
-            ratio = best["decode_tok_s"] / base["decode_tok_s"]
-            print(f"{quant:8} {name:10} {best['prefill_tok_s']:14.1f} {best['decode_tok_s']:13.2f} {ratio:20.2f}")
+            w = res["warm"]
+            print(f"round {r + 1} {label}: ttft {w['ttft']:.3f} s", file=sys.stderr, flush=True)
+            slot = best.setdefault(label, {})
+            for k in ("ttft", "encode", "prefill"):
+                slot[k] = min(slot.get(k, w[k]), w[k])
+            slot["decode_tok_s"] = max(slot.get("decode_tok_s", 0.0), w["decode_tok_s"])
+
+    hf = best.get("transformers fp32", {}).get("ttft")
+    print(
+        f"size {a.size}, {a.threads} threads, one image question (warm turn), n_ubatch {n_ubatch}, flash_attn "
+        f"{fa}, best of {a.rounds} interleaved rounds\n"
+    )
+    print("| text weights, build | TTFT s | encode s | prefill s | decode tok/s | TTFT vs installed | vs torch |")
+    print("|---|---|---|---|---|---|---|")
+    for label, _, _, _ in runs:
+        if label not in best:
+            print(f"| {label} | {errors.get(label, 'failed')} | | | | | |")
+            continue
+        b = best[label]
+        base = best.get(label.split(" ")[0] + " installed", {}).get("ttft")
+        vs_base = f"{b['ttft'] / base:.2f}×" if base and label != "transformers fp32" else "–"
+        vs_hf = f"{b['ttft'] / hf:.2f}×" if hf else "–"
+        print(
+            f"| {label} | {b['ttft']:.3f} | {b['encode']:.3f} | {b['prefill']:.3f} | {b['decode_tok_s']:.1f} | "
+            f"{vs_base} | {vs_hf} |"
+        )
 
 
 if __name__ == "__main__":

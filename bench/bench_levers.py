@@ -119,8 +119,12 @@ def child_hf(a: dict[str, Any]) -> dict[str, Any]:
 CHILDREN = {"prefill": child_prefill, "encode": child_encode, "hf": child_hf}
 
 
+SITE: str | None = None  # --site: an unpacked llama-cpp-python wheel to run instead of the installed one
+
+
 def spawn(kind: str, args: dict[str, Any]) -> dict[str, Any] | None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args["threads"])}
+    path = os.pathsep.join(p for p in (SITE if kind != "hf" else None, str(ROOT)) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(args["threads"])}
     proc = subprocess.run(
         [sys.executable, __file__, "--child", kind, json.dumps(args)], capture_output=True, text=True, env=env
     )
@@ -166,8 +170,14 @@ def main() -> None:
     ap.add_argument(
         "--only", default="", help="comma-separated substrings: run only the configurations whose label has one"
     )
+    ap.add_argument(
+        "--site",
+        help="an unpacked llama-cpp-python wheel (bench/bench_build_flags.py) to measure instead of the installed one",
+    )
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    global SITE
+    SITE = a.site
     if a.child:
         kind, payload = a.child
         print(json.dumps(CHILDREN[kind](json.loads(payload))))
@@ -194,9 +204,13 @@ def main() -> None:
         pre("F16 1024/1024 fa on", "F16", n_batch=1024, n_ubatch=1024, flash_attn=True),
         pre("F16 2048/2048 fa on, 1 thread", "F16", n_batch=2048, n_ubatch=2048, flash_attn=True, threads=1),
         pre("F16 1024/512 fa off, 1 thread", "F16", threads=1),
+        pre("F16 1024/1024 fa off", "F16", n_batch=1024, n_ubatch=1024),
         pre("BF16 1024/512 fa off", "BF16"),
+        pre("BF16 1024/1024 fa on", "BF16", n_batch=1024, n_ubatch=1024, flash_attn=True),
         pre("Q8_0 1024/512 fa off", "Q8_0"),
+        pre("Q8_0 1024/1024 fa on", "Q8_0", n_batch=1024, n_ubatch=1024, flash_attn=True),
         pre("Q4_K_M 1024/512 fa off", "Q4_K_M"),
+        pre("Q4_K_M 1024/1024 fa on", "Q4_K_M", n_batch=1024, n_ubatch=1024, flash_attn=True),
         ("mmproj F16", "encode", {"mmproj": str(files["mmproj_f16"]), "images": pics, "threads": t}),
         ("mmproj F32", "encode", {"mmproj": str(files["mmproj_f32"]), "images": pics, "threads": t}),
         ("mmproj F32, 1 thread", "encode", {"mmproj": str(files["mmproj_f32"]), "images": pics, "threads": 1}),
@@ -241,9 +255,11 @@ def main() -> None:
     for enc_label in ("mmproj F16", "mmproj F32"):
         for pre_label in (
             "F16 1024/512 fa off",
-            "F16 2048/2048 fa on",
-            "BF16 1024/512 fa off",
+            "F16 1024/1024 fa on",
+            "BF16 1024/1024 fa on",
+            "Q8_0 1024/1024 fa on",
             "Q4_K_M 1024/512 fa off",
+            "Q4_K_M 1024/1024 fa on",
         ):
             if enc_label in best and pre_label in best:
                 s = best[enc_label]["encode"] + best[pre_label]["prefill"]

@@ -246,6 +246,63 @@ def load_cpu_backend(allow_amx: bool | None = None) -> Path | None:
     return files[name]
 
 
+# ------------------------------------------------------------------------------------------------ install
+
+# The README's install and every "reinstall" hint: llama.cpp compiled for this machine's CPU (see install_args).
+# `python -m llava_cli.cpu_kernels` works from a checkout before the install (stdlib only) and after it.
+CPU_FLAGS = "$(python -m llava_cli.cpu_kernels)"
+LLAMA_CPP = "llama-cpp-python==0.3.36"
+CPU_REINSTALL = f'CMAKE_ARGS="{CPU_FLAGS}" pip install --force-reinstall --no-cache-dir {LLAMA_CPP}'
+GPU_REINSTALL = f'CMAKE_ARGS="-DGGML_CUDA=on {CPU_FLAGS}" pip install --force-reinstall --no-cache-dir {LLAMA_CPP}'
+
+# ggml's CMake option for each feature it scores (ggml/CMakeLists.txt, "instruction set specific").
+_CMAKE_OPTION: dict[str, str] = {
+    "SSE42": "GGML_SSE42",
+    "AVX": "GGML_AVX",
+    "F16C": "GGML_F16C",
+    "FMA": "GGML_FMA",
+    "AVX2": "GGML_AVX2",
+    "BMI2": "GGML_BMI2",
+    "AVX_VNNI": "GGML_AVX_VNNI",
+    "AVX512": "GGML_AVX512",
+    "AVX512_VBMI": "GGML_AVX512_VBMI",
+    "AVX512_VNNI": "GGML_AVX512_VNNI",
+    "AVX512_BF16": "GGML_AVX512_BF16",
+}
+
+
+def cmake_args(usable: Iterable[str]) -> list[str]:
+    """llama.cpp build flags for the instruction sets this CPU advertises *and* its OS enables (the install's probe).
+
+    Every level is named ON or OFF (ggml turns AVX2 and friends on by default when GGML_NATIVE is off), never
+    ``-march=native``: GCC's native would also compile ggml's AMX kernels, whose extra buffer type is the path that
+    crashes (see :func:`choose_variant`), and the AMX options stay OFF for the same reason."""
+    have = frozenset(usable)
+    return (
+        ["-DGGML_NATIVE=OFF"]
+        + [f"-D{opt}={'ON' if feat in have else 'OFF'}" for feat, opt in _CMAKE_OPTION.items()]
+        + [
+            "-DGGML_AMX_TILE=OFF",
+            "-DGGML_AMX_INT8=OFF",
+            "-DGGML_AMX_BF16=OFF",
+        ]
+    )
+
+
+def install_args() -> tuple[str, str]:
+    """(CMAKE_ARGS for this machine, a one-line note saying why). Off x86-64 Linux: no flags, llama.cpp's defaults
+    (native on ARM, where the AMX trap does not exist)."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64") or platform.system() != "Linux":
+        return "", f"llava-cli: {platform.system()}/{platform.machine()}: llama.cpp's default CPU flags"
+    usable = usable_features(advertised_features(), probe_os_support())
+    level = choose_variant(X86_VARIANTS, usable) or "x64"
+    order = list(SCORE_WEIGHTS)
+    shown = ", ".join(sorted((f for f in usable if f in _CMAKE_OPTION), key=order.index)) or "none"
+    return " ".join(cmake_args(usable)), f"llava-cli: llama.cpp kernels for this CPU ({level} level: {shown}; no AMX)"
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 
@@ -258,7 +315,7 @@ class KernelReport:
     level: str  # the ggml variant those features amount to (haswell = AVX2, zen4 = AVX-512 with BF16/VNNI, ...)
     advertised: list[str]  # CPUID, as /proc/cpuinfo lists it
     usable: list[str]  # advertised and enabled by the OS
-    unused: list[str]  # usable but not compiled in: what a CPU-variant build would add
+    unused: list[str]  # usable but not compiled in: what a reinstall for this CPU would add
     unsafe: list[str]  # compiled in but not usable: this build may die with SIGILL
     xcr0: int | None
     amx_permitted: bool | None
@@ -334,13 +391,10 @@ def _notes(r: KernelReport) -> list[str]:
     if r.unsafe:
         notes.append(
             f"compiled with {', '.join(r.unsafe)}, which this CPU or OS does not enable: expect 'Illegal "
-            "instruction'; reinstall with the README's portable CMAKE_ARGS"
+            f"instruction'; reinstall llama.cpp for this CPU: {CPU_REINSTALL}"
         )
     if r.unused:
-        notes.append(
-            f"the CPU also runs {', '.join(r.unused)}, which this build does not use: a build with ggml's CPU "
-            "variants (docs/speed.md) would"
-        )
+        notes.append(f"the CPU also runs {', '.join(r.unused)}, which this build does not use: {CPU_REINSTALL}")
     if not r.unsafe and not r.unused:
         notes.append("this build uses every instruction set level ggml has for this CPU")
     if r.xcr0 is None:
@@ -365,3 +419,9 @@ def inspect() -> KernelReport:
 def feature_names(features: Mapping[str, str]) -> list[str]:
     """Names of the features a backend reports as on ("1")."""
     return [k for k, v in features.items() if v not in ("0", "")]
+
+
+if __name__ == "__main__":  # CMAKE_ARGS="$(python -m llava_cli.cpu_kernels)" pip install ...
+    args, why = install_args()
+    print(why, file=sys.stderr)
+    print(args)

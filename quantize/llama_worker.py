@@ -25,6 +25,7 @@ from pathlib import Path
 
 import gguf
 
+from llava_cli.cpu_kernels import CPU_REINSTALL
 from llava_cli.errors import ModelFileError, OutputError
 from llava_cli.quants import QuantType
 
@@ -161,8 +162,7 @@ def run_llama_quantize(
             sig = f"signal {-rc}"
         why = f"llama.cpp crashed ({sig})"
         hint = (
-            "an illegal instruction means llama-cpp-python was built for another CPU: reinstall it with "
-            'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install --force-reinstall --no-cache-dir llama-cpp-python'
+            f"an illegal instruction means llama-cpp-python was built for another CPU: {CPU_REINSTALL}"
             if sig == "SIGILL"
             else "set LLAVA_DEBUG=1 and run again to see llama.cpp's log"
         )

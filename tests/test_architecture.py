@@ -12,11 +12,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # What quantize/ may use from llava_cli: errors, atomic writes, bounded reads, GGUF header reading, the
-# quantization types and rules, and the package version. None of these imports quantize/.
+# quantization types and rules, the install's CPU flags (for the SIGILL hint), and the package version. None of
+# these imports quantize/.
 FOUNDATION = {
     "llava_cli",
     "llava_cli.errors",
     "llava_cli.atomic",
+    "llava_cli.cpu_kernels",
     "llava_cli.gguf_info",
     "llava_cli.quants",
     "llava_cli.reading",

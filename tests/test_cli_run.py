@@ -97,7 +97,7 @@ def test_gpu_layers_on_cpu_build_warns(
     code = main(["run", *pair_args, "-i", str(picture), "--n-gpu-layers", "all", "-n", "2", "Hi"])
     _, err = capsys.readouterr()
     assert code == 0
-    assert "without GPU support" in err and 'CMAKE_ARGS="-DGGML_CUDA=on"' in err
+    assert "without GPU support" in err and 'CMAKE_ARGS="-DGGML_CUDA=on $(python -m llava_cli.cpu_kernels)"' in err
 
 
 def test_tiny_random_says_noise(picture: Path, capsys: pytest.CaptureFixture[str]) -> None:

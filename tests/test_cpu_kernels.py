@@ -111,3 +111,41 @@ def test_variant_files_and_the_single_backend_build(tmp_path: Path) -> None:
     # The installed build links one CPU backend in (README flags): nothing to choose, nothing loaded.
     if not any(ck.variant_files(folder) for folder in ck.backend_folders()):
         assert ck.load_cpu_backend() is None
+
+
+def _flags(args: list[str]) -> dict[str, str]:
+    return dict(a.removeprefix("-D").split("=") for a in args)
+
+
+def test_install_flags_leave_out_what_the_os_does_not_enable() -> None:
+    # The advertised-but-disabled case at install time: the CPU lists AVX-512 and AMX, the OS saves only YMM state.
+    ymm_only = _flags(ck.cmake_args(ck.usable_features(FULL, ck.OsSupport(xcr0=0b111, amx_permitted=False))))
+    assert ymm_only["GGML_NATIVE"] == "OFF"  # never -march=native: it would compile ggml's AMX kernels too
+    assert ymm_only["GGML_AVX2"] == ymm_only["GGML_FMA"] == ymm_only["GGML_AVX_VNNI"] == "ON"
+    assert ymm_only["GGML_AVX512"] == ymm_only["GGML_AVX512_BF16"] == "OFF"
+    # Everything enabled: every AVX-512 level ggml has, AMX still off (its extra buffer crashes on K-quants).
+    every = _flags(ck.cmake_args(ck.usable_features(FULL, ck.OsSupport(xcr0=ck.XCR0_AMX, amx_permitted=True))))
+    assert all(every[f"GGML_{f}"] == "ON" for f in ("AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16"))
+    assert every["GGML_AMX_TILE"] == every["GGML_AMX_INT8"] == every["GGML_AMX_BF16"] == "OFF"
+    # XCR0 unreadable: no level that needs saved vector state (explicitly OFF: ggml turns AVX2 on by default).
+    none = _flags(ck.cmake_args(ck.usable_features(FULL, ck.OsSupport(None, None))))
+    assert none["GGML_AVX"] == none["GGML_AVX2"] == "OFF" and none["GGML_SSE42"] == "ON"
+
+
+@x86_linux
+def test_the_install_probe_runs_before_install_and_matches_this_machine() -> None:
+    # What the README's install runs, from the checkout, with nothing but the standard library on the path.
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-S", "-m", "llava_cli.cpu_kernels"], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    expected = ck.cmake_args(ck.usable_features(ck.advertised_features(), ck.probe_os_support()))
+    assert proc.stdout.split() == expected
+    assert proc.stderr.startswith("llava-cli: llama.cpp kernels for this CPU (") and proc.stderr.count("\n") == 1
+
+
+def test_readme_and_ci_install_with_the_probe() -> None:
+    root = Path(__file__).resolve().parents[1]
+    for text in (root.joinpath("README.md").read_text(), root.joinpath(".ci", "run").read_text()):
+        assert f'CMAKE_ARGS="{ck.CPU_FLAGS}" pip install --no-cache-dir' in text

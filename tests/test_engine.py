@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from llava_cli.cpu_kernels import GPU_REINSTALL
 from llava_cli.errors import ContextOverflowError, InputNotFoundError, ModelFileError, UsageError
 from llava_cli.images import load_image
 from llava_cli.runtime import Engine, Message, llamacpp
@@ -184,7 +185,7 @@ def test_gpu_request_on_cpu_build_warns_once(tiny_pair_f32, monkeypatch: pytest.
     with Engine(tiny_pair_f32.text_path, tiny_pair_f32.mmproj_path, n_gpu_layers=10, **kw):
         pass
     assert len(notes) == 1
-    assert 'CMAKE_ARGS="-DGGML_CUDA=on" pip install' in notes[0] and "llama-cpp-python==0.3.36" in notes[0]
+    assert GPU_REINSTALL in notes[0] and "llama-cpp-python==0.3.36" in notes[0]
     with Engine(tiny_pair_f32.text_path, tiny_pair_f32.mmproj_path, n_gpu_layers="auto", **kw) as eng:
         assert eng.n_gpu_layers == 0  # the planner says CPU; no warning for auto
     assert len(notes) == 1

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from llava_cli import memory
+from llava_cli.cpu_kernels import GPU_REINSTALL
 from llava_cli.errors import UsageError
 from llava_cli.memory import gpu as gpu_mod
 from llava_cli.memory.gpu import GPU, GiB, GPUProbe, HostMemory, MiB
@@ -178,7 +179,7 @@ def test_cpu_only_build_plans_for_the_gpu_found_and_says_it_cannot_use_it(monkey
     r = report(A7, p)
     assert r.recommended is not None and r.recommended.device.startswith("GPU 0 ")
     assert r.recommended.placement == "full" and r.recommended.quant == "Q8_0"
-    assert "cannot use the GPU yet" in r.build_note and 'CMAKE_ARGS="-DGGML_CUDA=on" pip install' in r.build_note
+    assert "cannot use the GPU yet" in r.build_note and GPU_REINSTALL in r.build_note
     assert "\n" not in r.build_note
     # --n-gpu-layers auto on the same machine offloads nothing: this build cannot.
 

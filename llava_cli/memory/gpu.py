@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 
+from llava_cli.cpu_kernels import GPU_REINSTALL
 from llava_cli.errors import UsageError
 
 MiB = 1024**2
@@ -28,10 +29,7 @@ SMI_TIMEOUT_S = 15.0
 
 # Printed whenever the installed llama-cpp-python cannot offload: the same flags as the README's install line,
 # plus the CUDA switch.
-GPU_REINSTALL_HINT = (
-    'reinstall with CUDA: CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir '
-    "llama-cpp-python==0.3.36"
-)
+GPU_REINSTALL_HINT = f"reinstall with CUDA: {GPU_REINSTALL}"
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from llava_cli.cpu_kernels import GPU_REINSTALL
 from llava_cli.errors import LlavaError, ModelFileError, UsageError
 from llava_cli.gguf_info import GGUFInfo, read_gguf
 from llava_cli.prompts import Tokenizer
-
-GPU_REINSTALL = 'CMAKE_ARGS="-DGGML_CUDA=on" pip install --no-cache-dir --force-reinstall llama-cpp-python==0.3.36'
 
 GpuLayers = int | Literal["auto", "all"]
 
