@@ -81,10 +81,10 @@ def main() -> None:
     from llava_cli.runtime.engine import Engine
 
     defaults = Engine.__init__.__kwdefaults__ or {}
-    n_ubatch = a.n_ubatch or defaults["n_ubatch"]
+    n_ubatch = a.n_ubatch  # None: the engine's default for the device (runtime_ubatch)
     fa = {"auto": defaults["flash_attn"], "on": True, "off": False}[a.flash_attn]
     common = {"threads": a.threads, "tokens": a.tokens, "images": pics, "n_ubatch": n_ubatch, "flash_attn": fa}
-    common["n_batch"] = max(defaults["n_batch"], n_ubatch)
+    common["n_batch"] = max(defaults["n_batch"], n_ubatch or 0)
     runs: list[tuple[str, str, str | None, dict[str, Any]]] = []
     for quant in a.quants.split(","):
         text = str(files["text_f16" if quant == "f16" else "text_q4"])
@@ -114,8 +114,8 @@ def main() -> None:
 
     hf = best.get("transformers fp32", {}).get("ttft")
     print(
-        f"size {a.size}, {a.threads} threads, one image question (warm turn), n_ubatch {n_ubatch}, flash_attn "
-        f"{fa}, best of {a.rounds} interleaved rounds\n"
+        f"size {a.size}, {a.threads} threads, one image question (warm turn), n_ubatch {n_ubatch or 'default'}, "
+        f"flash_attn {fa}, best of {a.rounds} interleaved rounds\n"
     )
     print("| text weights, build | TTFT s | encode s | prefill s | decode tok/s | TTFT vs installed | vs torch |")
     print("|---|---|---|---|---|---|---|")

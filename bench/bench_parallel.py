@@ -244,8 +244,12 @@ CHILDREN = {
 }
 
 
+SITE: str | None = None  # --site: an unpacked llama-cpp-python wheel to run instead of the installed one
+
+
 def spawn(kind: str, args: dict[str, Any]) -> dict[str, Any] | None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args["threads"])}
+    path = os.pathsep.join(p for p in (SITE, str(ROOT)) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(args["threads"])}
     proc = subprocess.run(
         [sys.executable, __file__, "--child", kind, json.dumps(args)],
         capture_output=True,
@@ -404,8 +408,11 @@ def main() -> None:
     ap.add_argument("--levels", default="1,2,4,8", help="parallel levels (parallel)")
     ap.add_argument("--quant", default="f16", choices=["f16", "q4_k_m"])
     ap.add_argument("--images", type=int, default=12, help="photos to caption (caption)")
+    ap.add_argument("--site", help="an unpacked llama-cpp-python wheel (bench/bench_build_flags.py) to measure")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    global SITE
+    SITE = a.site
     if a.child:
         kind, args = a.child
         print(json.dumps(CHILDREN[kind](json.loads(args))), flush=True)

@@ -347,7 +347,7 @@ def main() -> None:
         files = prepare(size)
         text_m, vision_m = n_params(files)
         common = {"threads": a.threads, "tokens": a.tokens, "images": pics}
-        ours = {"n_batch": 1024, "n_ubatch": 512, "flash_attn": None}
+        ours = {"n_batch": 1024, "n_ubatch": None, "flash_attn": None}  # the engine's defaults
         rows: list[tuple[str, dict[str, Any] | None]] = []
         mm16, mm32 = str(files["mmproj_f16"]), str(files["mmproj_f32"])
         f16, q4 = str(files["text_f16"]), str(files["text_q4"])

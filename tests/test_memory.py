@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -251,6 +252,18 @@ def test_7b_q4_k_m_matches_llama_cpp_log() -> None:
     assert s.output / MiB == pytest.approx(103, abs=0.5)
 
 
+def test_cpu_vision_weights_count_f16_twice() -> None:
+    # The CPU vision encoder widens F16 matmul weights to F32 (runtime/vision.py): the published 7B mmproj (624 MB,
+    # F16 matmuls and patch embedding, F32 rest) takes ~1.2 GB of RAM on the CPU, its file size on a GPU.
+    s = memory.sizes_from_architecture(A7, "Q4_K_M")
+    assert s.mmproj / 1e6 == pytest.approx(624, rel=0.01)
+    assert 0.95 * s.mmproj < s.mmproj_f16 < s.mmproj and s.mmproj_cpu == s.mmproj + s.mmproj_f16
+    cpu = memory.estimate(s, A7, n_ctx=2048, gpus=None)
+    assert cpu.cpu_total - memory.cpu_peak_bytes(replace(s, mmproj_f16=0), A7, 2048) == s.mmproj_f16
+    gpu = memory.estimate(s, A7, n_ctx=2048, gpus=card(24))
+    assert gpu.mmproj_on_gpu and gpu.total < cpu.cpu_total  # on the GPU the file's size counts, not the widened one
+
+
 def test_70b_rule_and_q8_0_pin_are_shared_with_the_quantizer() -> None:
     """One module holds llama.cpp's type rules: a Llama-2-70B-shaped model gets Q5_K attn_v at Q4_K_M (llama.cpp's
     70B rule), and a Q8_0 row length that 32 does not divide is pinned to F16 (the quantizer's tt_override)."""
@@ -281,7 +294,7 @@ def test_kv_and_compute_reproduce_the_fitted_buffers() -> None:
         (A13, 4096, True): 125,
     }
     for (arch, ctx, fa), mib in reported.items():
-        got = memory.compute_buffer_bytes(arch, ctx, flash_attn=fa) / MiB
+        got = memory.compute_buffer_bytes(arch, ctx, n_ubatch=memory.N_UBATCH_GPU, flash_attn=fa) / MiB
         assert got == pytest.approx(mib, abs=1.0), (arch.n_layer, ctx, fa)
 
 
@@ -305,7 +318,9 @@ def _llama_reported_buffers(text: Path, n_ctx: int, n_seq: int, flash_attn: bool
         mp.n_gpu_layers = 0
         model = llama_cpp.llama_model_load_from_file(str(text).encode(), mp)
         cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx, cp.n_seq_max, cp.n_batch, cp.n_ubatch = n_ctx, n_seq, 512, 512
+        # The runtime's batch sizes on the CPU, which the planner's CPU terms assume.
+        cp.n_ctx, cp.n_seq_max, cp.n_batch, cp.n_ubatch = n_ctx, n_seq, memory.N_BATCH, memory.N_UBATCH_CPU
+        cp.kv_unified = True
         cp.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
@@ -339,7 +354,11 @@ def test_kv_and_compute_against_what_llama_cpp_reports(
     arch = memory.architecture_from_gguf(read_gguf(pair.text_path))
     kv_mib, compute_mib = _llama_reported_buffers(pair.text_path, n_ctx * parallel, parallel, flash_attn)
     assert memory.kv_cache_bytes(arch, n_ctx, parallel=parallel) / MiB == pytest.approx(kv_mib, abs=0.01)
-    assert memory.compute_buffer_bytes(arch, n_ctx, flash_attn=flash_attn) / MiB == pytest.approx(compute_mib, abs=1.5)
+    ours = memory.compute_buffer_bytes(
+        arch, n_ctx, n_ubatch=memory.N_UBATCH_CPU, flash_attn=flash_attn, parallel=parallel
+    )
+    ours /= MiB
+    assert compute_mib - 1.5 <= ours <= compute_mib * 1.25 + 1.5, (ours, compute_mib)
 
 
 # ------------------------------------------------------------------------------------------------ plans
@@ -450,12 +469,14 @@ def test_no_mmproj_offload_keeps_vision_on_cpu() -> None:
     assert e.placement == "full" and not e.mmproj_on_gpu
 
 
-def test_parallel_sequences_multiply_the_kv_cache_only() -> None:
+def test_parallel_sequences_multiply_the_kv_cache_and_the_attention_span() -> None:
     one = memory.estimate(memory.sizes_from_architecture(A7, "Q4_K_M"), A7, n_ctx=2048, gpus=card(24))
     four = memory.estimate(memory.sizes_from_architecture(A7, "Q4_K_M"), A7, n_ctx=2048, gpus=card(24), parallel=4)
     assert four.kv_cache == 4 * one.kv_cache == 4 * 2048 * 32 * 4096 * 2 * 2
-    assert four.compute == one.compute  # one KV stream per sequence: the graph spans one stream
-    assert four.total - one.total == 3 * one.kv_cache
+    # One unified KV stream (the runtime's): without flash attention (the GPU plan's assumption for "auto") the KQ
+    # scores (and the F32 mask) span all four slots' cells: 3 x 2048 more per ubatch row, per head and once more.
+    assert four.compute - one.compute == 3 * 2048 * memory.N_UBATCH_GPU * (A7.n_head + 1) * 4
+    assert four.total - one.total == 3 * one.kv_cache + four.compute - one.compute
     # On a 12 GB card four 4K sequences of the 7B no longer fit fully at Q8_0.
     assert report(A7, card(12), parallel=4).recommended.placement != "full"  # type: ignore[union-attr]
     with pytest.raises(UsageError, match="--parallel"):

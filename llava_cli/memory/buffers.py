@@ -12,7 +12,20 @@ from llava_cli.memory.gpu import MiB
 from llava_cli.memory.sizes import Architecture, WeightSizes
 
 DEFAULT_CTX = 4096  # LLaVA-1.5's trained context; the runtime's default --ctx (per sequence)
-N_UBATCH = 512  # llama-cpp-python's default n_batch/n_ubatch
+# The runtime's batch sizes (llava_cli/runtime/pair.py). On the CPU one ubatch holds an image's 576 rows and a
+# turn's text, so the weights stream once per prompt (prefill 1.18x faster than 512, docs/speed.md); on a GPU
+# llama.cpp's 512 stays: compute is not the limit there, and without flash attention a ubatch twice as large
+# doubles the KQ scores in VRAM (13B at 4K on a 12 GB card: 4 fewer layers).
+N_BATCH = 1024
+N_UBATCH_CPU = 1024
+N_UBATCH_GPU = 512
+
+
+def runtime_ubatch(n_gpu_layers: int) -> int:
+    """The ubatch the runtime uses when the caller does not choose one."""
+    return N_UBATCH_GPU if n_gpu_layers > 0 else N_UBATCH_CPU
+
+
 IMAGE_TOKENS = 576
 KV_CELL_PAD = 256  # llama.cpp pads each KV cache stream to a multiple of 256 cells
 CACHE_TYPE_BYTES = {"f16": 2, "bf16": 2, "f32": 4, "q8_0": 34 / 32, "q4_0": 18 / 32}
@@ -41,15 +54,18 @@ def kv_cache_bytes(
     return int(per_slot * max(1, parallel))
 
 
-def compute_buffer_bytes(arch: Architecture, n_ctx: int, *, n_ubatch: int = N_UBATCH, flash_attn: bool = False) -> int:
+def compute_buffer_bytes(
+    arch: Architecture, n_ctx: int, *, n_ubatch: int = N_UBATCH_GPU, flash_attn: bool = False, parallel: int = 1
+) -> int:
     """llama.cpp's compute buffer for a full (single-device) graph: the peak of live f32 intermediates over
     one ubatch: whichever of attention, FFN and logits is largest, plus the KQ mask. Fitted to the buffer sizes
     llama.cpp reports for LLaVA-1.5-7B/13B at 2K/4K context, flash attention on and off (all within 1 MiB;
     tests/test_memory.py keeps those eight figures and checks the formula against the size llama.cpp reports for a
-    small model). ``n_ctx`` is one sequence's context: with parallel sequences llama.cpp keeps one KV stream per
-    sequence (``kv_unified = false``) and the graph spans one stream, so the buffer does not grow with them."""
-    ub = min(n_ubatch, n_ctx)
-    n_kv = _pad(n_ctx, KV_CELL_PAD)
+    small model). ``n_ctx`` is one sequence's context; the runtime keeps the ``parallel`` sequences in one unified
+    KV stream (runtime/llamacpp.py), so the graph's attention spans all ``n_ctx x parallel`` cells."""
+    cells = n_ctx * max(1, parallel)
+    ub = min(n_ubatch, cells)
+    n_kv = _pad(cells, KV_CELL_PAD)
     mask = n_kv * ub * (2 if flash_attn else 4)
     kq = 0 if flash_attn else n_kv * ub * arch.n_head * 4
     attn = kq + 7 * arch.n_embd * ub * 4
@@ -58,7 +74,7 @@ def compute_buffer_bytes(arch: Architecture, n_ctx: int, *, n_ubatch: int = N_UB
     return mask + max(attn, ffn, logits)
 
 
-def ollama_graph_bytes(arch: Architecture, n_ctx: int, *, partial: bool, n_batch: int = N_UBATCH) -> int:
+def ollama_graph_bytes(arch: Architecture, n_ctx: int, *, partial: bool, n_batch: int = N_UBATCH_GPU) -> int:
     """Ollama's former llama-arch GraphSize (github.com/ollama/ollama, fs/ggml/ggml.go before f560bd077): used
     as a floor on the GPU, where partial offload also copies CPU-resident weights to the GPU for large-batch
     matmuls."""
@@ -94,17 +110,18 @@ def cpu_peak_bytes(
     """Peak RSS of a process that loads the pair on the CPU and answers one image per sequence.
 
     llama.cpp maps the text file with MAP_POPULATE, so all of it counts in RSS (file pages), plus an anonymous
-    copy of the repacked Q4_K tensors; the mmproj is read into a malloc'd buffer. ``flash_attn`` defaults to
-    llama.cpp's "auto", which is on for the CPU backend. ``parallel`` sequences each hold a KV slot and an
-    image's embeddings (the KV part is exact; the per-sequence image term is not yet validated by a run)."""
+    copy of the repacked Q4_K tensors; the mmproj is read into a backend buffer, its F16 tensors widened to F32.
+    ``flash_attn`` defaults to llama.cpp's "auto", which is on for the CPU backend. ``parallel`` sequences each
+    hold a KV slot and an image's embeddings (the KV part is exact; the per-sequence image term is not yet validated
+    by a run)."""
     n = max(1, parallel)
     return (
         CPU_RUNTIME
         + sizes.text
         + sizes.repacked
         + kv_cache_bytes(arch, n_ctx, parallel=n)
-        + compute_buffer_bytes(arch, n_ctx, flash_attn=flash_attn)
-        + sizes.mmproj
+        + compute_buffer_bytes(arch, n_ctx, n_ubatch=N_UBATCH_CPU, flash_attn=flash_attn, parallel=n)
+        + sizes.mmproj_cpu
         + clip_compute_bytes(arch, flash_attn=flash_attn)
         + IMAGE_EMBD_COPIES * image_embd_bytes(arch) * n
         + arch.n_vocab * 4 * n  # logits of the last position of each sequence

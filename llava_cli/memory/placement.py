@@ -31,6 +31,7 @@ from llava_cli.memory.buffers import (
     CPU_RUNTIME,
     DEFAULT_CTX,
     IMAGE_TOKENS,
+    N_UBATCH_CPU,
     clip_compute_bytes,
     compute_buffer_bytes,
     cpu_peak_bytes,
@@ -125,9 +126,10 @@ def _gpu_fit(
     """(placement, n_gpu_layers, mmproj_on_gpu, compute, budget, note) for one GPU, RAM not yet checked."""
     budget = gpu.free - CUDA_CONTEXT - gpu_margin(gpu, margin)
     kv_l = kv_cache_bytes(arch, n_ctx, n_layers=1, parallel=parallel)
-    # One KV stream per sequence: the graph spans one stream of n_ctx cells however many sequences there are.
+    # One unified KV stream for all sequences (the runtime's kv_unified): the graph spans all their cells.
     g_full = max(
-        compute_buffer_bytes(arch, n_ctx, flash_attn=flash_attn), ollama_graph_bytes(arch, n_ctx, partial=False)
+        compute_buffer_bytes(arch, n_ctx, flash_attn=flash_attn, parallel=parallel),
+        ollama_graph_bytes(arch, n_ctx, partial=False),
     )
     g_part = ollama_graph_bytes(arch, n_ctx, partial=True)
     vision = sizes.mmproj + CLIP_COMPUTE_GPU
@@ -191,7 +193,7 @@ def estimate(
         raise UsageError(f"--parallel {parallel} must be at least 1", hint="e.g. --parallel 4")
     kv = kv_cache_bytes(arch, n_ctx, parallel=parallel)
     cpu_total = cpu_peak_bytes(sizes, arch, n_ctx, flash_attn=fa_cpu, parallel=parallel)
-    cpu_compute = compute_buffer_bytes(arch, n_ctx, flash_attn=fa_cpu)
+    cpu_compute = compute_buffer_bytes(arch, n_ctx, n_ubatch=N_UBATCH_CPU, flash_attn=fa_cpu, parallel=parallel)
     ram = gpus.host.available if gpus is not None else 0
     common: dict[str, Any] = dict(
         quant=sizes.quant,
@@ -222,7 +224,8 @@ def estimate(
             parallel=parallel,
         )
         g_full = max(
-            compute_buffer_bytes(arch, n_ctx, flash_attn=fa_gpu), ollama_graph_bytes(arch, n_ctx, partial=False)
+            compute_buffer_bytes(arch, n_ctx, flash_attn=fa_gpu, parallel=parallel),
+            ollama_graph_bytes(arch, n_ctx, partial=False),
         )
         total = sum(sizes.blocks) + sizes.output + sizes.other + kv + g_full + sizes.mmproj + CLIP_COMPUTE_GPU
         # What stays on the CPU must fit in RAM: token_embd always, the blocks not offloaded with their KV, the
@@ -236,7 +239,7 @@ def estimate(
             + (sizes.output + sizes.other if ngl == 0 else 0)
             + kv_cache_bytes(arch, n_ctx, n_layers=cpu_blocks, parallel=parallel)
             + (cpu_compute if cpu_blocks else 0)
-            + (0 if mm_gpu else sizes.mmproj + clip_compute_bytes(arch, flash_attn=fa_cpu))
+            + (0 if mm_gpu else sizes.mmproj_cpu + clip_compute_bytes(arch, flash_attn=fa_cpu))
         )
         if ram_needed > ram:
             note = (note + "; " if note else "") + "the CPU-side part does not fit in available RAM"

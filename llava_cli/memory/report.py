@@ -148,7 +148,7 @@ def report_for_files(
     for q in QUANTS:
         derived = sizes_from_architecture(arch, q)
         if mm is not None:
-            derived = replace(derived, mmproj=real.mmproj)
+            derived = replace(derived, mmproj=real.mmproj, mmproj_f16=real.mmproj_f16)
         by_quant[q] = derived
     by_quant[real.quant] = real
     return build_report(Path(text_path).name, arch, by_quant, gpus=gpus or probe(), published=published, **options)
@@ -169,7 +169,9 @@ def report_for_architecture(
         q = quant_label(bits)
         text, mm = read_pair(text_path, mm_path)
         real = sizes_from_gguf(text, mm)
-        by_quant[q] = replace(real, quant=q, mmproj=real.mmproj or by_quant[q].mmproj)
+        if not real.mmproj:
+            real = replace(real, mmproj=by_quant[q].mmproj, mmproj_f16=by_quant[q].mmproj_f16)
+        by_quant[q] = replace(real, quant=q)
     return build_report(model, arch, by_quant, gpus=gpus or probe(), published=published, **options)
 
 

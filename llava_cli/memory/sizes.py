@@ -201,6 +201,12 @@ class WeightSizes:
     n_params: int  # text-model elements
     mmproj: int
     repacked: int = 0  # blk.* bytes the CPU backend copies into its repacked (interleaved) layout
+    mmproj_f16: int = 0  # F16 bytes in the mmproj: the CPU vision encoder holds them widened to F32 (runtime/vision.py)
+
+    @property
+    def mmproj_cpu(self) -> int:
+        """What the vision weights take in RAM when the encoder runs on the CPU (F16 tensors twice their size)."""
+        return self.mmproj + self.mmproj_f16
 
     @property
     def text(self) -> int:
@@ -221,7 +227,12 @@ REPACK_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL"})
 
 
 def _group(
-    quant: Quant, source: str, n_layer: int, tensors: Iterable[tuple[str, int, int, str]], mmproj: int
+    quant: Quant,
+    source: str,
+    n_layer: int,
+    tensors: Iterable[tuple[str, int, int, str]],
+    mmproj: int,
+    mmproj_f16: int = 0,
 ) -> WeightSizes:
     """tensors: (name, n_elements, n_bytes, ggml type name)."""
     blocks = [0] * n_layer
@@ -239,7 +250,7 @@ def _group(
             token_embd += n_bytes
         else:
             other += n_bytes
-    return WeightSizes(quant, source, tuple(blocks), output, token_embd, other, n_params, mmproj, repacked)
+    return WeightSizes(quant, source, tuple(blocks), output, token_embd, other, n_params, mmproj, repacked, mmproj_f16)
 
 
 def _n_elements(shape: tuple[int, ...]) -> int:
@@ -265,8 +276,9 @@ def sizes_from_architecture(arch: Architecture, quant: Quant, *, mmproj_bits: st
     mm = mmproj_tensors(arch)
     mm_types = quants.predict_types(mm, mtype, n_layer=0)
     mm_bytes = sum(quants.tensor_bytes(mm_types[n], s) for n, s, _ in mm)
+    mm_f16 = sum(quants.tensor_bytes(mm_types[n], s) for n, s, _ in mm if mm_types[n].name == "F16")
     rows = ((n, _n_elements(s), quants.tensor_bytes(types[n], s), types[n].name) for n, s, _ in text)
-    return _group(qtype.label, "architecture", arch.n_layer, rows, mm_bytes)
+    return _group(qtype.label, "architecture", arch.n_layer, rows, mm_bytes, mm_f16)
 
 
 def sizes_from_gguf(text: GGUFInfo, mmproj: GGUFInfo | None) -> WeightSizes:
@@ -276,5 +288,6 @@ def sizes_from_gguf(text: GGUFInfo, mmproj: GGUFInfo | None) -> WeightSizes:
     except UsageError:  # a file type we do not offer (Q5_K_M, ...): label it as the header says
         quant = (text.file_type or "?").upper()
     mm = sum(t.n_bytes for t in mmproj.tensors) if mmproj is not None else 0
+    mm_f16 = sum(t.n_bytes for t in mmproj.tensors if t.type_name == "F16") if mmproj is not None else 0
     rows = ((t.name, t.n_elements, t.n_bytes, t.type_name) for t in text.tensors)
-    return _group(quant, "gguf header", text.n_layer, rows, mm)
+    return _group(quant, "gguf header", text.n_layer, rows, mm, mm_f16)

@@ -25,6 +25,7 @@ from typing import Any
 
 from llava_cli.errors import UsageError
 from llava_cli.images import LoadedImage
+from llava_cli.memory.buffers import N_BATCH
 from llava_cli.preprocess import ImageFit
 from llava_cli.runtime.conversation import Conversation
 from llava_cli.runtime.llamacpp import GpuLayers
@@ -55,8 +56,8 @@ class Engine:
         n_threads_batch: int | None = None,
         n_gpu_layers: GpuLayers | str = 0,
         mmproj_offload: bool = True,
-        n_batch: int = 1024,
-        n_ubatch: int = 512,
+        n_batch: int = N_BATCH,
+        n_ubatch: int | None = None,
         flash_attn: bool | None = None,
         image_fit: ImageFit = "pad",
         image_cache_mb: int = 512,

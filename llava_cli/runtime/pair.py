@@ -11,6 +11,7 @@ from pathlib import Path
 
 from llava_cli.errors import UsageError
 from llava_cli.gguf_info import GGUFInfo, check_pair, read_gguf
+from llava_cli.memory.buffers import runtime_ubatch
 from llava_cli.preprocess import ImageFit
 from llava_cli.runtime.encoder import ImageCache, ImageEncoder
 from llava_cli.runtime.llamacpp import (
@@ -40,7 +41,7 @@ class ModelPair:
         n_gpu_layers: GpuLayers | str,
         mmproj_offload: bool,
         n_batch: int,
-        n_ubatch: int,
+        n_ubatch: int | None,
         flash_attn: bool | None,
         image_fit: ImageFit,
         image_cache_mb: int,
@@ -92,7 +93,8 @@ class ModelPair:
             mmproj_offload and mmproj_gpu_ok and layers > 0 and llama_cpp.llama_supports_gpu_offload()
         )
         self.n_batch = max(1, n_batch)
-        self.n_ubatch = max(1, min(n_ubatch, self.n_batch))
+        ub = runtime_ubatch(layers) if n_ubatch is None else n_ubatch  # None: the measured default per device
+        self.n_ubatch = max(1, min(ub, self.n_batch))
         try:
             self.text = TextModel(
                 self.text_path,

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from llava_cli.errors import LlavaError, UsageError
+from llava_cli.memory.buffers import N_BATCH
 from llava_cli.preprocess import ImageFit
 from llava_cli.runtime.llamacpp import GpuLayers
 from llava_cli.runtime.messages import Answer, Message, Timings
@@ -90,8 +91,8 @@ class Runtime:
         n_threads_batch: int | None = None,
         n_gpu_layers: GpuLayers | str = 0,
         mmproj_offload: bool = True,
-        n_batch: int = 1024,
-        n_ubatch: int = 512,
+        n_batch: int = N_BATCH,
+        n_ubatch: int | None = None,
         flash_attn: bool | None = None,
         image_fit: ImageFit = "pad",
         image_cache_mb: int = 512,

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from llava_cli.images import LoadedImage, load_image
+from llava_cli.memory.buffers import N_BATCH
 from llava_cli.preprocess import ImageFit
 from llava_cli.runtime.llamacpp import Batch
 from llava_cli.runtime.messages import Message
@@ -38,8 +39,8 @@ class Scorer:
         *,
         n_ctx: int = 1024,
         n_threads: int | None = None,
-        n_batch: int = 1024,
-        n_ubatch: int = 512,
+        n_batch: int = N_BATCH,
+        n_ubatch: int | None = None,
         flash_attn: bool | None = None,
         image_fit: ImageFit = "pad",
         verbose: bool = False,
