@@ -28,9 +28,15 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[LoadedImage]:
     return out
 
 
-@pytest.fixture(scope="module")
-def runtime(tiny_pair_f32) -> Iterator[Runtime]:  # type: ignore[no-untyped-def]
-    with Runtime(tiny_pair_f32.text_path, tiny_pair_f32.mmproj_path, n_parallel=4, n_ctx=1024, n_threads=2) as rt:
+@pytest.fixture(scope="module", params=["cpu: scheduler encodes", "gpu-style: encoder thread"])
+def runtime(tiny_pair_f32, request: pytest.FixtureRequest) -> Iterator[Runtime]:  # type: ignore[no-untyped-def]
+    # Both ways of encoding: on an all-CPU runtime the scheduler thread encodes between steps (the default here);
+    # with a GPU an encoder thread overlaps the decode. Every test using this fixture runs under both.
+    thread = request.param.startswith("gpu")
+    with Runtime(
+        tiny_pair_f32.text_path, tiny_pair_f32.mmproj_path, n_parallel=4, n_ctx=1024, n_threads=2, encode_thread=thread
+    ) as rt:
+        assert rt.encode_thread is thread and (rt._encoder is not None) is thread
         yield rt
 
 
@@ -95,6 +101,7 @@ def test_long_prefill_does_not_stall_decoding(tiny_pair_f32, images: list[Loaded
 
 def test_cancel_frees_the_slot(tiny_pair_f32, images: list[LoadedImage]) -> None:  # type: ignore[no-untyped-def]
     with Runtime(tiny_pair_f32.text_path, tiny_pair_f32.mmproj_path, n_parallel=1, n_ctx=1024, n_threads=2) as rt:
+        assert not rt.encode_thread  # all on the CPU: the scheduler thread encodes, once a slot is free
         long = rt.submit(_ask("Go on forever."), temperature=0, max_tokens=900, ignore_eos=True)
         waiting = rt.submit(_ask("What is this?", images[1]), **GREEDY)
         dropped = rt.submit(_ask("Never mind."), **GREEDY)

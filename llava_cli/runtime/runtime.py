@@ -1,6 +1,11 @@
 """`Runtime`: one GGUF pair serving many requests at once. ``submit()`` is thread-safe and returns a `Job` at once;
-an encoder thread turns the request's images into embeddings (cache first), and the scheduler thread runs every
-admitted sequence together, one ``llama_decode`` per step (see scheduler.py).
+the request's images become embeddings (cache first), and the scheduler thread runs every admitted sequence
+together, one ``llama_decode`` per step (see scheduler.py).
+
+Who encodes: with the vision encoder or the text model on a GPU, an encoder thread, so that encoding overlaps the
+decode. With both on the CPU, the scheduler thread itself, between steps, when a slot is free for the request:
+two ggml thread pools on the same cores slow each other down (their threads spin at every barrier while the
+other pool holds the core), so on a CPU one computation at a time is the fastest order.
 
     with Runtime("m.gguf", "mmproj.gguf", n_parallel=4, n_ctx=4096) as rt:
         jobs = [rt.submit([Message("user", "Describe it.", [load_image(p)])], temperature=0) for p in paths]
@@ -16,6 +21,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -98,9 +104,12 @@ class Runtime:
         image_cache_mb: int = 512,
         prefill_chunk: int = 256,
         kv_unified: bool = True,
+        encode_thread: bool | None = None,
         verbose: bool = False,
         on_note: Callable[[str], None] | None = None,
     ) -> None:
+        """``encode_thread``: encode images on their own thread (None: only when something runs on a GPU, see the
+        module docstring)."""
         self._pair: ModelPair | None = ModelPair(
             text_path,
             mmproj_path,
@@ -135,15 +144,20 @@ class Runtime:
         self._sched = p.scheduler
         self._lock = threading.Condition()
         self._ready: list[Request] = []  # encoded, waiting to enter the scheduler (moved under the lock)
-        self._to_encode: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
+        self._to_encode: queue.SimpleQueue[Request | None] = queue.SimpleQueue()  # for the encoder thread
+        self._pending: deque[Request] = deque()  # without one: waiting to be encoded by the scheduler thread
         self._closing = False
         self._stopping = False
         self._in_flight = 0
         self._count_lock = threading.Lock()
         self._error: BaseException | None = None
-        self._encoder = threading.Thread(target=self._encode_loop, name="llava-encode", daemon=True)
+        on_gpu = p.n_gpu_layers > 0 or p.mmproj_offload
+        self.encode_thread = on_gpu if encode_thread is None else encode_thread
+        self._encoder: threading.Thread | None = None
+        if self.encode_thread:
+            self._encoder = threading.Thread(target=self._encode_loop, name="llava-encode", daemon=True)
+            self._encoder.start()
         self._worker = threading.Thread(target=self._run_loop, name="llava-scheduler", daemon=True)
-        self._encoder.start()
         self._worker.start()
 
     # -- API
@@ -182,7 +196,12 @@ class Runtime:
         job = Job(self, seq)
         seq.on_text, seq.on_done = job._on_text, job._on_done
         self._count(+1)
-        self._to_encode.put(seq)
+        if self.encode_thread:
+            self._to_encode.put(seq)
+        else:
+            with self._lock:  # the scheduler thread encodes it when a slot is free
+                self._pending.append(seq)
+                self._lock.notify_all()
         return job
 
     @property
@@ -208,8 +227,9 @@ class Runtime:
         if self._pair is None:
             return
         self._closing = True  # submit() refuses, the encoder thread cancels what it still has
-        self._to_encode.put(None)
-        self._encoder.join()
+        if self._encoder is not None:
+            self._to_encode.put(None)
+            self._encoder.join()
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
@@ -230,30 +250,39 @@ class Runtime:
             self._lock.notify_all()
 
     def _encode_loop(self) -> None:
-        """Images → embeddings, one request at a time, while the scheduler keeps decoding the others."""
-        assert self._pair is not None
-        cache = self._pair.cache
+        """The encoder thread: images → embeddings, one request at a time, while the scheduler decodes the others."""
         while True:
             seq = self._to_encode.get()
             if seq is None:
                 return
-            if self._closing or seq.cancelled:
-                self._hand_over(seq, cancelled=True)
-                continue
-            try:
-                for piece in seq.pieces:
-                    if isinstance(piece, ImagePiece) and piece.image.sha256 not in seq.embeddings:
-                        embd, encoded, secs = cache.embeddings(piece.image)
-                        seq.embeddings[piece.image.sha256] = embd
-                        seq.timings.encode += secs
-                        seq.images_encoded += encoded
-                        seq.images_cached += not encoded
-            except Exception as exc:  # an image the encoder rejects fails this job only
-                seq.error = exc if isinstance(exc, LlavaError) else LlavaError(f"image encoding failed: {exc}")
-                if seq.on_done:
-                    seq.on_done(seq)
-                continue
-            self._hand_over(seq)
+            self._encode(seq)
+
+    def _encode(self, seq: Request) -> None:
+        """One request's images → embeddings (cache first), then to the scheduler; a failure ends this job only."""
+        assert self._pair is not None
+        cache = self._pair.cache
+        if self._closing or seq.cancelled:
+            self._hand_over(seq, cancelled=True)
+            return
+        try:
+            for piece in seq.pieces:
+                if isinstance(piece, ImagePiece) and piece.image.sha256 not in seq.embeddings:
+                    embd, encoded, secs = cache.embeddings(piece.image)
+                    seq.embeddings[piece.image.sha256] = embd
+                    seq.timings.encode += secs
+                    seq.images_encoded += encoded
+                    seq.images_cached += not encoded
+        except Exception as exc:  # an image the encoder rejects fails this job only
+            seq.error = exc if isinstance(exc, LlavaError) else LlavaError(f"image encoding failed: {exc}")
+            if seq.on_done:
+                seq.on_done(seq)
+            return
+        self._hand_over(seq)
+
+    def _room_to_encode(self) -> bool:
+        """Without an encoder thread: a pending request is encoded once a slot is free for it (called under the
+        lock), so encoding never delays sequences that could run and embeddings never pile up."""
+        return bool(self._pending) and self._sched.free_slots() > len(self._sched.waiting) + len(self._ready)
 
     def _hand_over(self, seq: Request, *, cancelled: bool = False) -> None:
         """To the scheduler thread (a cancelled request is finished there too, so every job ends one way)."""
@@ -266,8 +295,15 @@ class Runtime:
         sched = self._sched
         while True:
             with self._lock:
-                while not self._stopping and not self._ready and not sched.has_work():
+                while not self._stopping and not self._ready and not sched.has_work() and not self._room_to_encode():
+                    if any(q.cancelled for q in self._pending):
+                        break
                     self._lock.wait()
+                for seq in [q for q in self._pending if q.cancelled or self._stopping]:
+                    self._pending.remove(seq)  # cancelled before its turn: finished by the scheduler at once
+                    seq.cancelled = True
+                    self._ready.append(seq)
+                encode = self._pending.popleft() if self._room_to_encode() else None
                 for seq in self._ready:
                     sched.add(seq)
                 self._ready.clear()
@@ -275,6 +311,9 @@ class Runtime:
             if stopping:
                 sched.cancel_all()
                 return
+            if encode is not None:
+                self._encode(encode)  # hands the request over to _ready for the next turn
+                continue
             try:
                 sched.step()
             except BaseException as exc:  # a bug, not a request's fault: fail everything in flight, keep serving

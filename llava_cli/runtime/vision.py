@@ -293,7 +293,7 @@ class VisionEncoder:
     def _load_weights(self, tensors: dict[str, Any]) -> None:
         """Weights into a no_alloc context, allocated in one backend buffer, filled with tensor_set."""
         g, spec = self._g, self.spec
-        host: dict[str, tuple[int, tuple[int, ...], np.ndarray]] = {}  # name -> (ggml type, ne, bytes)
+        host: dict[str, tuple[int, tuple[int, ...], Any]] = {}  # name -> (ggml type, ne, array or GGUF tensor)
 
         widen = not self.backend.is_gpu if self._f32_weights is None else self._f32_weights
         self.f32_weights = widen
@@ -301,10 +301,8 @@ class VisionEncoder:
         def raw(name: str) -> None:  # a matmul weight, uploaded as stored (Q8_0/... stay so; F16 see above)
             t = tensors[name]
             ne = tuple(int(d) for d in t.shape[:2])
-            if widen and int(t.tensor_type) == ggml.TYPE_F16:
-                host[name] = (ggml.TYPE_F32, ne, np.ascontiguousarray(t.data, dtype=np.float32))
-            else:
-                host[name] = (int(t.tensor_type), ne, np.ascontiguousarray(t.data))
+            gtype = ggml.TYPE_F32 if widen and int(t.tensor_type) == ggml.TYPE_F16 else int(t.tensor_type)
+            host[name] = (gtype, ne, t)  # read from the file at upload, one tensor at a time (see below)
 
         def f32(name: str, data: np.ndarray) -> None:  # float data kept F32 (norms, biases, embeddings)
             data = np.ascontiguousarray(data, dtype=np.float32)
@@ -363,11 +361,17 @@ class VisionEncoder:
         self._weights_buf = g.ggml_backend_alloc_ctx_tensors(self._weights_ctx, self.backend.ptr)
         if not self._weights_buf:
             raise ModelFileError(f"{spec.path}: could not allocate the vision weights on {self.backend.name}")
-        for name, (_, _, data) in host.items():
-            t = self._w[name]
-            if g.ggml_nbytes(t) != data.nbytes:  # tensor_set would GGML_ASSERT on a size mismatch
-                raise ModelFileError(f"{spec.path}: tensor '{name}' holds {data.nbytes} bytes, expected more")
-            g.ggml_backend_tensor_set(t, data.ctypes.data, 0, data.nbytes)
+        # Matmul weights are read with plain file reads, one tensor at a time, rather than through the reader's
+        # memory map: touched map pages stay in the process's RSS until the map goes, on top of the backend copy
+        # (for CLIP-L widened to F32: 0.6 GB of file pages beside 1.2 GB of weights at the peak).
+        with open(spec.path, "rb") as f:
+            for name, (gtype, _, src) in host.items():
+                t = self._w[name]
+                buf = src if isinstance(src, np.ndarray) else _read_tensor(f, src, gtype)
+                if g.ggml_nbytes(t) != buf.nbytes:  # tensor_set would GGML_ASSERT on a size mismatch
+                    raise ModelFileError(f"{spec.path}: tensor '{name}' holds {buf.nbytes} bytes, expected more")
+                g.ggml_backend_tensor_set(t, buf.ctypes.data, 0, buf.nbytes)
+                del buf
 
     def _reset_backend(self, backend: ggml.Backend, tensors: dict[str, Any]) -> None:
         self._free_graphs()
@@ -449,6 +453,17 @@ class VisionEncoder:
 
 # Graph node budget: ~40 nodes per block + the embeddings and projector; 64 per block leaves room.
 _NODES_PER_BLOCK = 64
+
+
+def _read_tensor(f: Any, t: Any, gtype: int) -> np.ndarray:
+    """A GGUF tensor's bytes read from the open file `f` (F16 widened to F32 when `gtype` asks for it)."""
+    f.seek(int(t.data_offset))
+    if int(t.tensor_type) == ggml.TYPE_F16:
+        data = np.fromfile(f, dtype=np.float16, count=int(t.n_elements))
+        return data.astype(np.float32) if gtype == ggml.TYPE_F32 else data
+    if int(t.tensor_type) == ggml.TYPE_F32:
+        return np.fromfile(f, dtype=np.float32, count=int(t.n_elements))
+    return np.fromfile(f, dtype=np.uint8, count=int(t.n_bytes))
 
 
 class _Graph:
