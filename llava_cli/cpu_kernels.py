@@ -248,6 +248,8 @@ def load_cpu_backend(allow_amx: bool | None = None) -> Path | None:
 
 # ------------------------------------------------------------------------------------------------ install
 
+AMX = frozenset({"AMX_TILE", "AMX_INT8"})  # never built (cmake_args) nor chosen by default (choose_variant)
+
 # The README's install and every "reinstall" hint: llama.cpp compiled for this machine's CPU (see install_args).
 # `python -m llava_cli.cpu_kernels` works from a checkout before the install (stdlib only) and after it.
 CPU_FLAGS = "$(python -m llava_cli.cpu_kernels)"
@@ -364,8 +366,9 @@ def kernel_report(compiled: Iterable[str], os_support: OsSupport | None = None) 
         level=choose_variant(X86_VARIANTS, set(comp) | ({"SSE42"} if "AVX" in comp else set()), True) or "x64",
         advertised=sorted(adv, key=order.index),
         usable=sorted(usable, key=order.index),
-        # SSE4.2 is implied by an AVX build (ggml lists no SSE42 feature for it); not a missed level.
-        unused=sorted(usable - set(comp) - ({"SSE42"} if "AVX" in comp else set()), key=order.index),
+        # SSE4.2 is implied by an AVX build (ggml lists no SSE42 feature for it); not a missed level. AMX is left
+        # out on purpose (cmake_args), so a reinstall would not add it: a note says so instead.
+        unused=sorted(usable - set(comp) - AMX - ({"SSE42"} if "AVX" in comp else set()), key=order.index),
         unsafe=sorted(set(comp) - usable, key=order.index),
         xcr0=os_support.xcr0,
         amx_permitted=os_support.amx_permitted,
@@ -396,7 +399,12 @@ def _notes(r: KernelReport) -> list[str]:
     if r.unused:
         notes.append(f"the CPU also runs {', '.join(r.unused)}, which this build does not use: {CPU_REINSTALL}")
     if not r.unsafe and not r.unused:
-        notes.append("this build uses every instruction set level ggml has for this CPU")
+        notes.append("this build uses every instruction set level the install picks for this CPU")
+    if AMX & set(r.usable) and not AMX & set(r.compiled):
+        notes.append(
+            "AMX is enabled here but left out on purpose: ggml's AMX buffer type crashes on K-quant models "
+            "(docs/speed.md)"
+        )
     if r.xcr0 is None:
         notes.append("could not read XCR0 (xgetbv): wide instruction sets are treated as not enabled")
     return notes

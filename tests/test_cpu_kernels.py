@@ -102,6 +102,10 @@ def test_doctor_reports_the_loaded_backend(capsys: pytest.CaptureFixture[str]) -
     assert data["notes"]
     if "AVX512" in data["usable"] and "AVX512" not in data["compiled"]:
         assert "AVX512" in data["unused"]
+    # AMX is never suggested: the install leaves it out on purpose, so a reinstall would not add it.
+    assert not ck.AMX & set(data["unused"])
+    if ck.AMX & set(data["usable"]) and not ck.AMX & set(data["compiled"]):
+        assert any("AMX is enabled here but left out on purpose" in n for n in data["notes"])
 
 
 def test_variant_files_and_the_single_backend_build(tmp_path: Path) -> None:
