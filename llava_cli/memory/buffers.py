@@ -13,7 +13,7 @@ from llava_cli.memory.sizes import Architecture, WeightSizes
 
 DEFAULT_CTX = 4096  # LLaVA-1.5's trained context; the runtime's default --ctx (per sequence)
 # The runtime's batch sizes (llava_cli/runtime/pair.py). On the CPU one ubatch holds an image's 576 rows and a
-# turn's text, so the weights stream once per prompt (prefill 1.18x faster than 512, docs/speed.md); on a GPU
+# turn's text, so the weights stream once per prompt (prefill 0.94x the time of 512, docs/speed.md); on a GPU
 # llama.cpp's 512 stays: compute is not the limit there, and without flash attention a ubatch twice as large
 # doubles the KQ scores in VRAM (13B at 4K on a 12 GB card: 4 fewer layers).
 N_BATCH = 1024
