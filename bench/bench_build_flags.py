@@ -29,13 +29,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+from bench_runtime import child_env  # noqa: E402
+
 
 def spawn(kind: str, args: dict[str, Any], site: str | None) -> dict[str, Any]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(args["threads"])}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (site, str(ROOT)) if p)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench_runtime.py"), "--child", kind, json.dumps(args)],
-        env=env,
+        env=child_env(args["threads"], site),
         capture_output=True,
         text=True,
         timeout=3600,
@@ -54,8 +54,9 @@ def kernels(site: str | None) -> str:
         "from llava_cli.runtime import ggml; from llava_cli import cpu_kernels as ck; "
         "print(','.join(f for f in ck.feature_names(ggml.cpu_backend_features()) if f in ck.SCORE_WEIGHTS))"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (site, str(ROOT)) if p)}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=child_env(site=site), capture_output=True, text=True, timeout=120
+    )
     return proc.stdout.strip() or f"? ({(proc.stderr.strip().splitlines() or [''])[-1]})"
 
 

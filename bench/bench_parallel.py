@@ -249,8 +249,9 @@ SITE: str | None = None  # --site: an unpacked llama-cpp-python wheel to run ins
 
 
 def spawn(kind: str, args: dict[str, Any]) -> dict[str, Any] | None:
-    path = os.pathsep.join(p for p in (SITE, str(ROOT)) if p)
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(args["threads"])}
+    from bench_runtime import child_env
+
+    env = child_env(args["threads"], SITE)
     proc = subprocess.run(
         [sys.executable, __file__, "--child", kind, json.dumps(args)],
         capture_output=True,

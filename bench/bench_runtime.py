@@ -270,8 +270,18 @@ def best_of(kind: str, args: dict[str, Any], repeat: int) -> dict[str, Any] | No
     return best
 
 
+def child_env(threads: int | None = None, site: str | None = None) -> dict[str, str]:
+    """The environment of a bench child process (this one's and bench_levers/bench_parallel/bench_build_flags'):
+    this checkout importable, ``site`` (an unpacked llama-cpp-python wheel, bench/bench_build_flags.py) in front of
+    the installed build, OpenMP held to the bench's threads."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (site, str(ROOT)) if p)}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
 def spawn(kind: str, args: dict[str, Any]) -> dict[str, Any] | None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args["threads"])}
+    env = child_env(args["threads"])
     proc = subprocess.run(
         [sys.executable, __file__, "--child", kind, json.dumps(args)],
         capture_output=True,
