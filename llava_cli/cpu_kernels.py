@@ -64,6 +64,8 @@ SCORE_WEIGHTS: dict[str, int] = {
     "AMX_TILE": 0,
 }
 
+AMX = frozenset({"AMX_TILE", "AMX_INT8"})  # never built (cmake_args) nor chosen by default (choose_variant)
+
 # /proc/cpuinfo flag(s) -> ggml feature. ggml's AVX512 needs F, CD, VL, DQ and BW together (cpu-feats.cpp).
 _FLAGS: dict[str, tuple[str, ...]] = {
     "SSE42": ("sse4_2",),
@@ -162,7 +164,7 @@ def usable_features(advertised: Iterable[str], os_support: OsSupport) -> frozens
         need = _NEEDS_XCR0.get(feat, 0)
         if need and (os_support.xcr0 is None or os_support.xcr0 & need != need):
             continue
-        if feat.startswith("AMX") and not os_support.amx_permitted:
+        if feat in AMX and not os_support.amx_permitted:
             continue
         out.add(feat)
     return frozenset(out)
@@ -186,7 +188,7 @@ def choose_variant(available: Iterable[str], features: Iterable[str], allow_amx:
     feats = frozenset(features)
     best, best_score = None, 0
     for name in available:
-        if name not in X86_VARIANTS or (not allow_amx and "AMX_INT8" in X86_VARIANTS[name]):
+        if name not in X86_VARIANTS or (not allow_amx and AMX & set(X86_VARIANTS[name])):
             continue
         score = variant_score(name, feats)
         if score > best_score:
@@ -248,7 +250,6 @@ def load_cpu_backend(allow_amx: bool | None = None) -> Path | None:
 
 # ------------------------------------------------------------------------------------------------ install
 
-AMX = frozenset({"AMX_TILE", "AMX_INT8"})  # never built (cmake_args) nor chosen by default (choose_variant)
 
 # The README's install and every "reinstall" hint: llama.cpp compiled for this machine's CPU (see install_args).
 # `python -m llava_cli.cpu_kernels` works from a checkout before the install (stdlib only) and after it.
